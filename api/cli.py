@@ -1,0 +1,78 @@
+"""`chatlog serve` and `chatlog migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import asyncpg
+
+from api.settings import Settings
+
+log = logging.getLogger("chatlog")
+
+
+def _start_embedded(settings: Settings) -> str:
+    """Start (or reuse) the embedded PostgreSQL under data_dir; return its URL."""
+    import pgserver  # imported here: only needed without DATABASE_URL
+
+    pgdata = (settings.data_dir / "pgdata").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("DATABASE_URL is not set: starting an embedded PostgreSQL, data in %s", pgdata)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    return server.get_uri()
+
+
+async def _migrate(url: str) -> list[str]:
+    from store.migrate import migrate
+
+    conn = await asyncpg.connect(url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = Settings()
+    url = settings.database_url or _start_embedded(settings)
+    applied = asyncio.run(_migrate(url))
+    log.info("migrations applied now: %s", ", ".join(applied) or "none (schema up to date)")
+    # Workers are separate processes: they read the URL from the environment.
+    os.environ["DATABASE_URL"] = url
+    uvicorn.run("api.app:create_app", factory=True, host=args.host or settings.host,
+                port=args.port or settings.port, workers=args.workers or settings.workers,
+                log_level=settings.log_level)
+
+
+def migrate(_: argparse.Namespace) -> None:
+    settings = Settings()
+    if not settings.database_url:
+        sys.exit("chatlog migrate: set DATABASE_URL to the database to migrate")
+    applied = asyncio.run(_migrate(settings.database_url))
+    print("applied: " + (", ".join(applied) if applied else "nothing, the schema is up to date"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs whole initdb transcripts at INFO
+    parser = argparse.ArgumentParser(prog="chatlog", description="Event-sourced LLM chat log on PostgreSQL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="apply migrations and serve the API")
+    run.add_argument("--host")
+    run.add_argument("--port", type=int)
+    run.add_argument("--workers", type=int)
+    run.set_defaults(func=serve)
+    mig = commands.add_parser("migrate", help="apply migrations to DATABASE_URL")
+    mig.set_defaults(func=migrate)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The contract's error shape, for every error the API can give."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from api.responses import JSONResponse
+from store import errors as store_errors
+
+log = logging.getLogger("chatlog.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **details) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body: dict = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+_STORE_STATUS = {
+    store_errors.NotFound: 404,
+    store_errors.ConversationExists: 409,
+    store_errors.SeqConflict: 409,
+    store_errors.IdempotencyConflict: 409,
+    store_errors.InvalidEvent: 422,
+}
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(store_errors.StoreError)
+    async def _store(_: Request, exc: store_errors.StoreError):
+        return error_response(_STORE_STATUS.get(type(exc), 503), exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = [{"field": ".".join(str(p) for p in e["loc"][1:]) or e["loc"][0], "problem": e["msg"]}
+                  for e in exc.errors()]
+        first = errors[0]
+        return error_response(422, "invalid_request", f"{first['field']}: {first['problem']}", {"errors": errors})
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, code, message)
+
+    async def _unavailable(_: Request, exc: Exception):
+        log.warning("store unavailable: %r", exc)
+        return error_response(503, "store_unavailable", "the event store cannot be reached right now; retry shortly")
+
+    for unavailable in (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                        asyncpg.TooManyConnectionsError, asyncpg.InterfaceError, OSError, TimeoutError):
+        app.add_exception_handler(unavailable, _unavailable)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        log.exception("unexpected error")
+        return error_response(500, "internal_error", "something went wrong on the server; it has been logged")

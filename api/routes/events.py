@@ -1,0 +1,80 @@
+"""POST/GET /v1/conversations/{id}/events: the append path and the read-back."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Query
+from pydantic import ValidationError
+
+import domain
+from api.deps import BodyDep, ConversationIdDep, PrincipalDep, SettingsDep, StoreDep
+from api.errors import ApiError
+from api.models import AppendEvents, EventIn, parse
+from api.responses import JSONResponse
+from api.settings import Settings
+from projections.compact import compact as compact_events
+from store import NewEvent
+
+router = APIRouter(prefix="/v1/conversations", tags=["events"])
+
+
+def _invalid(index: int, message: str, rule: str, **details) -> ApiError:
+    return ApiError(422, "invalid_event", f"event {index}: {message}", index=index, rule=rule, **details)
+
+
+def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
+    """Check each event's shape and size; the first bad one refuses the batch."""
+    if not raw_events:
+        raise ApiError(422, "invalid_request", "events must hold at least one event")
+    if len(raw_events) > settings.max_batch_events:
+        raise ApiError(413, "too_many_events",
+                       f"a batch holds at most {settings.max_batch_events} events, this one has {len(raw_events)}",
+                       limit=settings.max_batch_events)
+    seen: set[str] = set()
+    new_events = []
+    for index, raw in enumerate(raw_events):
+        try:
+            event = EventIn.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            field = ".".join(str(p) for p in first["loc"]) or "event"
+            raise _invalid(index, f"{field}: {first['msg']}", "event_shape") from None
+        size = len(orjson.dumps(event.data))
+        if size > settings.max_event_bytes:
+            raise ApiError(413, "event_too_large",
+                           f"event {index}: data is {size} bytes, the limit is {settings.max_event_bytes}",
+                           index=index, limit=settings.max_event_bytes)
+        try:
+            data = domain.check_data(event.type, event.data)
+        except domain.InvalidData as exc:
+            rule = "known_type" if event.type not in domain.EVENT_TYPES else "data_shape"
+            raise _invalid(index, str(exc), rule, errors=exc.errors) from None
+        if event.id is not None:
+            if event.id in seen:
+                raise _invalid(index, f"id {event.id!r} appears twice in this batch", "event_id_unique")
+            seen.add(event.id)
+        new_events.append(NewEvent(event.type, data, event.id))
+    return new_events
+
+
+@router.post("/{conversation_id}/events", status_code=201)
+async def append_events(conversation_id: ConversationIdDep, body: BodyDep, principal: PrincipalDep,
+                        store: StoreDep, settings: SettingsDep):
+    request = parse(AppendEvents, body)
+    events = to_new_events(request.events, settings)
+    appended = await store.append(principal, conversation_id, events, request.expected_seq)
+    return JSONResponse({"events": appended.events, "last_seq": appended.last_seq},
+                        status_code=200 if appended.replayed else 201)
+
+
+@router.get("/{conversation_id}/events")
+async def read_events(conversation_id: ConversationIdDep, principal: PrincipalDep, store: StoreDep,
+                      after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=1000),
+                      compact: bool = False):
+    events, current_seq = await store.read_events(principal, conversation_id, after, limit)
+    last_seq = events[-1]["seq"] if events else after
+    return JSONResponse({
+        "events": compact_events(events) if compact else events,
+        "last_seq": last_seq,
+        "has_more": last_seq < current_seq,
+    })

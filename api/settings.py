@@ -1,0 +1,36 @@
+"""All configuration, from the environment (prefix CHATLOG_) or a .env file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATLOG_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "CHATLOG_DATABASE_URL"),
+        description="PostgreSQL URL. Unset: `chatlog serve` starts an embedded PostgreSQL under data_dir.")
+    data_dir: Path = Field(Path(".chatlog"), description="Where the embedded PostgreSQL keeps its data.")
+    api_keys: str = Field("", description="`key1=alice,key2=bob`: bearer key = principal. Empty: open mode.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    pool_size: int = Field(10, description="PostgreSQL connections per process.")
+    writers: int = Field(4, description="Group-commit writer tasks per process.")
+    max_batch_events: int = Field(1000, description="Events one append may carry.")
+    max_event_bytes: int = Field(256 * 1024, description="Size of one event's data, as JSON.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, description="Size of one request body.")
+    log_level: str = "info"
+
+    def principals_by_key(self) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            key, sep, principal = pair.partition("=")
+            if not sep or not key.strip() or not principal.strip():
+                raise ValueError(f"CHATLOG_API_KEYS entry {pair!r} is not of the form key=principal")
+            keys[key.strip()] = principal.strip()
+        return keys

@@ -1,0 +1,233 @@
+"""The conversation aggregate: every rule of the contract's event table.
+
+Each command method decorated with `@event(...)` is its own event's mutator
+(eventsourcing's style): the rule checks come first and raise `RuleBroken`
+before any state changes, so a refused event leaves the aggregate as it was.
+The aggregate's version is the conversation's `seq`.
+
+State is kept small on purpose: the store saves it with every append so that
+appending to a long conversation never re-reads its events. Finished tool calls
+keep only their status; argument text is held only while a call is open.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import RuleBroken
+
+# Tool call lifecycle. "abandoned": its turn closed before it completed, so it
+# can never complete (and the projections drop it).
+STARTED, COMPLETED, FINAL, ABANDONED = "started", "completed", "final", "abandoned"
+
+
+class Conversation(Aggregate):
+    # Declaring `id` lets callers pass the conversation's own UUID on creation.
+    id: UUID
+
+    @event("Created")
+    def __init__(self, metadata: dict | None = None, system: str | None = None,
+                 forked_from: dict | None = None) -> None:
+        self.open_turn_id: str | None = None
+        self.turn_ids: set[str] = set()
+        # tool_call_id -> [turn_id, status]
+        self.calls: dict[str, list] = {}
+        # tool_call_id -> argument fragments, only while the call is open
+        self.call_args: dict[str, list[str]] = {}
+        self.title: str | None = None
+
+    # -- messages ---------------------------------------------------------
+
+    @event("UserMessageAdded")
+    def add_user_message(self, content: Any, name: str | None = None) -> None:
+        self._require_no_open_turn("message.user")
+
+    @event("SystemMessageAdded")
+    def add_system_message(self, content: str) -> None:
+        self._require_no_open_turn("message.system")
+
+    @event("Titled")
+    def set_title(self, title: str) -> None:
+        self.title = title
+
+    # -- turns ------------------------------------------------------------
+
+    @event("TurnStarted")
+    def start_turn(self, turn_id: str, request_id: str | None = None,
+                   model: str | None = None) -> None:
+        if self.open_turn_id is not None:
+            raise RuleBroken("one_open_turn",
+                             f"turn {self.open_turn_id!r} is still open; close it before starting another")
+        if turn_id in self.turn_ids:
+            raise RuleBroken("turn_id_unique", f"turn_id {turn_id!r} was already used in this conversation")
+        self.open_turn_id = turn_id
+        self.turn_ids.add(turn_id)
+
+    @event("TextDeltaReceived")
+    def add_text_delta(self, turn_id: str, text: str) -> None:
+        self._require_open_turn(turn_id, "text.delta")
+
+    @event("ReasoningDeltaReceived")
+    def add_reasoning_delta(self, turn_id: str, text: str) -> None:
+        self._require_open_turn(turn_id, "reasoning.delta")
+
+    @event("TurnFinished")
+    def finish_turn(self, turn_id: str, finish_reason: str, usage: dict | None = None) -> None:
+        self._close_turn(turn_id, "turn.finished")
+
+    @event("TurnCancelled")
+    def cancel_turn(self, turn_id: str, reason: str | None = None) -> None:
+        self._close_turn(turn_id, "turn.cancelled")
+
+    @event("TurnFailed")
+    def fail_turn(self, turn_id: str, error: dict) -> None:
+        self._close_turn(turn_id, "turn.failed")
+
+    # -- tool calls ---------------------------------------------------------
+
+    @event("ToolCallStarted")
+    def start_tool_call(self, turn_id: str, tool_call_id: str, name: str) -> None:
+        self._require_open_turn(turn_id, "tool_call.started")
+        if tool_call_id in self.calls:
+            raise RuleBroken("tool_call_id_unique",
+                             f"tool_call_id {tool_call_id!r} was already used in this conversation")
+        self.calls[tool_call_id] = [turn_id, STARTED]
+        self.call_args[tool_call_id] = []
+
+    @event("ToolCallDeltaReceived")
+    def add_tool_call_delta(self, tool_call_id: str, text: str) -> None:
+        self._require_open_call(tool_call_id, "tool_call.delta")
+        self.call_args[tool_call_id].append(text)
+
+    @event("ToolCallCompleted")
+    def complete_tool_call(self, tool_call_id: str, arguments: str | None = None) -> None:
+        self._require_open_call(tool_call_id, "tool_call.completed")
+        if arguments is None:
+            arguments = "".join(self.call_args[tool_call_id])
+        try:
+            json.loads(arguments)
+        except ValueError:
+            raise RuleBroken("arguments_json",
+                             f"arguments of tool call {tool_call_id!r} are not valid JSON: {arguments[:80]!r}") from None
+        del self.call_args[tool_call_id]
+        self.calls[tool_call_id][1] = COMPLETED
+
+    @event("ToolResultReceived")
+    def add_tool_result(self, tool_call_id: str, content: Any, status: str) -> None:
+        call = self.calls.get(tool_call_id)
+        if call is None:
+            raise RuleBroken("result_needs_completed_call", f"tool call {tool_call_id!r} was never started")
+        if call[1] == FINAL:
+            raise RuleBroken("one_final_result", f"tool call {tool_call_id!r} already has its final result")
+        if call[1] != COMPLETED:
+            raise RuleBroken("result_needs_completed_call",
+                             f"tool call {tool_call_id!r} is not completed (it is {call[1]})")
+        if status != "pending":
+            call[1] = FINAL
+
+    # -- rule helpers ---------------------------------------------------------
+
+    def _require_no_open_turn(self, type_: str) -> None:
+        if self.open_turn_id is not None:
+            raise RuleBroken("no_message_during_turn",
+                             f"{type_} is not allowed while turn {self.open_turn_id!r} is open")
+
+    def _require_open_turn(self, turn_id: str, type_: str) -> None:
+        if self.open_turn_id is None:
+            raise RuleBroken("needs_open_turn", f"{type_} needs an open turn, and no turn is open")
+        if turn_id != self.open_turn_id:
+            raise RuleBroken("needs_open_turn",
+                             f"{type_} names turn {turn_id!r} but the open turn is {self.open_turn_id!r}")
+
+    def _require_open_call(self, tool_call_id: str, type_: str) -> None:
+        call = self.calls.get(tool_call_id)
+        if call is None:
+            raise RuleBroken("needs_started_call", f"{type_} names tool call {tool_call_id!r}, which was never started")
+        if call[1] != STARTED:
+            raise RuleBroken("needs_started_call",
+                             f"{type_} names tool call {tool_call_id!r}, which is {call[1]}, not in progress")
+
+    def _close_turn(self, turn_id: str, type_: str) -> None:
+        self._require_open_turn(turn_id, type_)
+        for call_id in [c for c, (t, status) in self.calls.items() if t == turn_id and status == STARTED]:
+            self.calls[call_id][1] = ABANDONED
+            del self.call_args[call_id]
+        self.open_turn_id = None
+
+
+# Contract event type -> command method. `conversation.created` is missing on
+# purpose: it is only ever seq 1, made by creating the conversation.
+COMMANDS = {
+    "message.user": Conversation.add_user_message,
+    "message.system": Conversation.add_system_message,
+    "turn.started": Conversation.start_turn,
+    "text.delta": Conversation.add_text_delta,
+    "reasoning.delta": Conversation.add_reasoning_delta,
+    "tool_call.started": Conversation.start_tool_call,
+    "tool_call.delta": Conversation.add_tool_call_delta,
+    "tool_call.completed": Conversation.complete_tool_call,
+    "tool.result": Conversation.add_tool_result,
+    "turn.finished": Conversation.finish_turn,
+    "turn.cancelled": Conversation.cancel_turn,
+    "turn.failed": Conversation.fail_turn,
+    "conversation.titled": Conversation.set_title,
+}
+
+
+def create(conversation_id: UUID, data: dict) -> Conversation:
+    """Start a conversation: its seq 1 is `conversation.created`."""
+    return Conversation(id=conversation_id, **data)
+
+
+def apply(conversation: Conversation, type_: str, data: dict) -> None:
+    """Apply one contract event to the aggregate, or raise `RuleBroken`."""
+    if type_ == "conversation.created":
+        raise RuleBroken("created_is_seq_1", "conversation.created is always seq 1; it is made by creating the conversation")
+    COMMANDS[type_](conversation, **data)
+
+
+def replay(conversation_id: UUID, events: list[tuple[str, dict]]) -> Conversation:
+    """Rebuild from (type, data) pairs, seq 1 first."""
+    (first_type, first_data), rest = events[0], events[1:]
+    assert first_type == "conversation.created"
+    conversation = create(conversation_id, first_data)
+    for type_, data in rest:
+        apply(conversation, type_, data)
+    return conversation
+
+
+# -- stored state -------------------------------------------------------------
+# The store keeps this beside the conversation row, updated in the same
+# transaction as each append, so checking a batch costs one small read.
+
+def to_state(conversation: Conversation) -> dict:
+    return {
+        "open_turn_id": conversation.open_turn_id,
+        "turn_ids": sorted(conversation.turn_ids),
+        "calls": conversation.calls,
+        "call_args": conversation.call_args,
+        "title": conversation.title,
+    }
+
+
+def from_state(conversation_id: UUID, seq: int, state: dict) -> Conversation:
+    snapshot = Conversation.Snapshot(
+        originator_id=conversation_id,
+        originator_version=seq,
+        timestamp=Conversation.Snapshot.create_timestamp(),
+        topic=f"{Conversation.__module__}:{Conversation.__qualname__}",
+        state={
+            "_created_on": None,
+            "_modified_on": None,
+            "open_turn_id": state["open_turn_id"],
+            "turn_ids": set(state["turn_ids"]),
+            "calls": {k: list(v) for k, v in state["calls"].items()},
+            "call_args": {k: list(v) for k, v in state["call_args"].items()},
+            "title": state["title"],
+        },
+    )
+    return snapshot.mutate(None)

@@ -1,0 +1,246 @@
+"""The only code that talks to PostgreSQL (asyncpg).
+
+Writes go through the group writer (store/writer.py); reads are plain queries.
+An event is returned everywhere as the contract's stored-event dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+import domain
+from store import feed
+from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict, rfc3339
+from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, SeqConflict
+from store.writer import GroupWriter, Transaction
+
+log = logging.getLogger("chatlog.store")
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append: its data already has the right shape for its type."""
+
+    type: str
+    data: dict
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Appended:
+    events: list[dict]
+    last_seq: int
+    replayed: bool  # True: an idempotent retry, nothing was written
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+
+
+# One round trip writes the batch and the conversation's new state. created_at
+# never goes backwards within a conversation: the row lock orders its writers
+# and greatest() guards against clock steps.
+_INSERT_EVENTS = """
+WITH ins AS (
+    INSERT INTO events (conversation_id, seq, position, id, type, data, created_at, principal)
+    SELECT $1, e.seq, (pg_current_xact_id()::text::bigint << 16) + e.idx, e.id, e.type, e.data::jsonb,
+           greatest(statement_timestamp(), $7), $8
+      FROM unnest($2::int[], $3::int[], $4::text[], $5::text[], $6::text[]) AS e(seq, idx, id, type, data)
+    RETURNING seq, position, created_at
+), upd AS (
+    UPDATE conversations
+       SET seq = $9, state = $10, updated_at = greatest(statement_timestamp(), $7),
+           open_turn_id = $11, title = coalesce($12, title)
+     WHERE id = $1 AND $10::jsonb IS NOT NULL
+)
+SELECT seq, position, created_at FROM ins ORDER BY seq
+"""
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000) -> None:
+        self.pool = pool
+        self.writer = GroupWriter(pool, writers=writers, max_group_events=max_group_events)
+
+    @classmethod
+    async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4) -> "Store":
+        pool = await create_pool(dsn, min_size=min(2, pool_size), max_size=pool_size)
+        return cls(pool, writers=min(writers, pool_size))
+
+    async def close(self) -> None:
+        await self.writer.close()
+        await self.pool.close()
+
+    # -- writes ---------------------------------------------------------------
+
+    async def create_conversation(self, principal: str, conversation_id: uuid.UUID | None = None,
+                                  data: dict | None = None) -> dict:
+        """Create a conversation; its seq 1 is `conversation.created` with `data`."""
+        conversation_id = conversation_id or uuid.uuid4()
+        data = {"metadata": {}, **(data or {})}
+        conversation = domain.create(conversation_id, data)
+        state = domain.to_state(conversation)
+
+        async def op(tx: Transaction) -> dict:
+            row = await tx.conn.fetchrow(
+                """INSERT INTO conversations (id, principal, seq, created_at, updated_at, metadata, state)
+                   VALUES ($1, $2, 1, clock_timestamp(), clock_timestamp(), $3, $4)
+                   ON CONFLICT (id) DO NOTHING
+                   RETURNING *""",
+                conversation_id, principal, data["metadata"], state,
+            )
+            if row is None:
+                raise ConversationExists(f"a conversation with id {conversation_id} already exists",
+                                         conversation_id=str(conversation_id))
+            await self._insert(tx, conversation_id, principal, row["created_at"], 1,
+                               [NewEvent("conversation.created", data)])
+            return conversation_dict(row)
+
+        return await self.writer.submit(str(conversation_id), 1, op)
+
+    async def append(self, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
+                     expected_seq: int | None = None) -> Appended:
+        """Append a batch atomically, or refuse it whole."""
+
+        async def op(tx: Transaction) -> Appended:
+            conn = tx.conn
+            row = await conn.fetchrow(
+                "SELECT seq, state, updated_at FROM conversations WHERE id = $1 AND principal = $2 FOR UPDATE",
+                conversation_id, principal,
+            )
+            if row is None:
+                raise NotFound(f"conversation {conversation_id} was not found")
+            replay = await self._replayed(conn, conversation_id, events)
+            if replay is not None:
+                return Appended(replay, replay[-1]["seq"], replayed=True)
+            current = row["seq"]
+            if expected_seq is not None and expected_seq != current:
+                raise SeqConflict(f"expected_seq is {expected_seq} but the conversation is at seq {current}",
+                                  current_seq=current)
+            conversation = domain.from_state(conversation_id, current, row["state"])
+            for index, new in enumerate(events):
+                try:
+                    domain.apply(conversation, new.type, new.data)
+                except domain.RuleBroken as broken:
+                    raise InvalidEvent(f"event {index} ({new.type}) breaks a rule: {broken.message}",
+                                       index=index, rule=broken.rule, type=new.type) from None
+            stored = await self._insert(tx, conversation_id, principal, row["updated_at"], current + 1, events,
+                                        state=domain.to_state(conversation),
+                                        open_turn_id=conversation.open_turn_id)
+            return Appended(stored, stored[-1]["seq"], replayed=False)
+
+        return await self.writer.submit(str(conversation_id), len(events), op)
+
+    async def _replayed(self, conn: asyncpg.Connection, conversation_id: uuid.UUID,
+                        events: list[NewEvent]) -> list[dict] | None:
+        """The stored events if this batch is a retry of one already written.
+
+        Raises IdempotencyConflict when a given id is already used otherwise.
+        """
+        ids = [e.id for e in events if e.id is not None]
+        if not ids:
+            return None
+        rows = await conn.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE conversation_id = $1 AND id = ANY($2::text[]) ORDER BY seq",
+            conversation_id, ids,
+        )
+        if not rows:
+            return None
+        stored = {r["id"]: r for r in rows}
+        differing = [e.id for e in events
+                     if e.id in stored and (stored[e.id]["type"] != e.type or stored[e.id]["data"] != e.data)]
+        if differing or len(rows) != len(events):
+            reused = differing or [e.id for e in events if e.id in stored]
+            raise IdempotencyConflict(
+                "event ids were already used with other content" if differing
+                else "some event ids of this batch were already used by another batch",
+                ids=reused,
+            )
+        return [event_dict(stored[e.id]) for e in events]
+
+    async def _insert(self, tx: Transaction, conversation_id: uuid.UUID, principal: str,
+                      previous_time: datetime, first_seq: int, events: list[NewEvent],
+                      state: dict | None = None, open_turn_id: str | None = None) -> list[dict]:
+        seqs = list(range(first_seq, first_seq + len(events)))
+        ids = [e.id or str(uuid.uuid4()) for e in events]
+        title = next((e.data["title"] for e in reversed(events) if e.type == "conversation.titled"), None)
+        rows = await tx.conn.fetch(
+            _INSERT_EVENTS, conversation_id, seqs, tx.take_indexes(len(events)), ids,
+            [e.type for e in events], [_dumps(e.data) for e in events], previous_time, principal,
+            seqs[-1], state, open_turn_id, title,
+        )
+        tx.notifications.append(f"{conversation_id}:{seqs[-1]}")
+        moment = rfc3339(rows[0]["created_at"])
+        cid = str(conversation_id)
+        return [
+            {"conversation_id": cid, "seq": row["seq"], "position": row["position"], "id": ids[i],
+             "type": events[i].type, "data": events[i].data, "created_at": moment}
+            for i, row in enumerate(rows)
+        ]
+
+    # -- reads ----------------------------------------------------------------
+
+    async def get_conversation(self, principal: str, conversation_id: uuid.UUID) -> dict:
+        row = await self.pool.fetchrow("SELECT * FROM conversations WHERE id = $1 AND principal = $2",
+                                       conversation_id, principal)
+        if row is None:
+            raise NotFound(f"conversation {conversation_id} was not found")
+        return conversation_dict(row)
+
+    async def list_conversations(self, principal: str, limit: int, before: uuid.UUID | datetime | None) -> list[dict]:
+        if isinstance(before, uuid.UUID):
+            rows = await self.pool.fetch(
+                """SELECT c.* FROM conversations c, conversations b
+                    WHERE b.id = $2 AND b.principal = $1 AND c.principal = $1
+                      AND (c.created_at, c.id) < (b.created_at, b.id)
+                    ORDER BY c.created_at DESC, c.id DESC LIMIT $3""",
+                principal, before, limit,
+            )
+        else:
+            rows = await self.pool.fetch(
+                """SELECT * FROM conversations WHERE principal = $1 AND ($2::timestamptz IS NULL OR created_at < $2)
+                    ORDER BY created_at DESC, id DESC LIMIT $3""",
+                principal, before, limit,
+            )
+        return [conversation_dict(r) for r in rows]
+
+    async def read_events(self, principal: str, conversation_id: uuid.UUID, after: int = 0,
+                          limit: int = 1000) -> tuple[list[dict], int]:
+        """Events with seq > after (at most `limit`), and the conversation's current seq."""
+        rows = await self.pool.fetch(
+            f"""SELECT c.seq AS current_seq, e.* FROM conversations c
+                LEFT JOIN LATERAL (
+                    SELECT {_EVENT_COLUMNS} FROM events
+                     WHERE conversation_id = c.id AND seq > $3 ORDER BY seq LIMIT $4) e ON true
+                WHERE c.id = $1 AND c.principal = $2""",
+            conversation_id, principal, after, limit,
+        )
+        if not rows:
+            raise NotFound(f"conversation {conversation_id} was not found")
+        current = rows[0]["current_seq"]
+        return [event_dict(r) for r in rows if r["seq"] is not None], current
+
+    async def read_feed(self, principal: str, after_position: int = 0, limit: int = 1000) -> list[dict]:
+        return await feed.read(self.pool, principal, after_position, limit)
+
+    async def ready(self) -> list[str]:
+        """Migrations not yet applied (empty: ready). Raises if unreachable."""
+        from store.migrate import pending
+
+        async with self.pool.acquire() as conn:
+            return await pending(conn)
