@@ -1,0 +1,76 @@
+"""Shared fixtures: a real PostgreSQL database for this run, the store, API clients."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.settings import Settings
+from store import Store
+from tests.pg import TestServer
+
+
+@pytest.fixture(scope="session")
+async def pg_server():
+    server = TestServer()
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server) -> str:
+    """This run's own migrated database (dropped at the end of the session)."""
+    return await pg_server.create_database()
+
+
+@pytest.fixture(scope="session")
+async def store(database_url):
+    store = await Store.open(database_url, pool_size=10, writers=4)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def principal() -> str:
+    """A principal of this test's own, so tests never see each other's events."""
+    return f"p-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_client(store):
+    """make_client(api_keys="k1=alice", **settings) -> an httpx client on the app."""
+    clients = []
+
+    def make(api_keys: str = "", headers: dict | None = None, **overrides) -> httpx.AsyncClient:
+        settings = Settings(database_url=None, api_keys=api_keys, **overrides)
+        app = create_app(settings, store=store)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog",
+                                   headers=headers or {})
+        clients.append(client)
+        return client
+
+    yield make
+
+
+@pytest.fixture
+def keys(principal) -> dict[str, str]:
+    """Two tenants with their own keys: {'alice': key, 'bob': key}."""
+    return {"alice": f"ka-{principal}", "bob": f"kb-{principal}"}
+
+
+@pytest.fixture
+def client(make_client, keys, principal):
+    """A client authenticated as this test's 'alice'."""
+    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
+    return make_client(api_keys=api_keys, headers={"Authorization": f"Bearer {keys['alice']}"})
+
+
+@pytest.fixture
+def bob(make_client, keys, principal):
+    """A client authenticated as another tenant, 'bob'."""
+    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
+    return make_client(api_keys=api_keys, headers={"Authorization": f"Bearer {keys['bob']}"})

@@ -1,0 +1,86 @@
+"""Find a real PostgreSQL for the tests, and make a fresh database on it.
+
+Order: TEST_DATABASE_URL, DATABASE_URL, the local server on 127.0.0.1:5432 if
+it answers, else an embedded one (pgserver) started for this session. Never a
+mock, and never a skip: if none of these works the session fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+LOCAL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+async def _answers(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+class TestServer:
+    """The server the session uses; `embedded` is kept alive until close()."""
+
+    def __init__(self) -> None:
+        self.admin_url: str | None = None
+        self.embedded = None
+        self.databases: list[str] = []
+
+    async def start(self) -> str:
+        given = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+        if given:
+            if not await _answers(given):
+                raise RuntimeError(f"TEST_DATABASE_URL/DATABASE_URL is set but does not answer: {given}")
+            self.admin_url = given
+        elif await _answers(LOCAL):
+            self.admin_url = LOCAL
+        else:
+            import pgserver
+
+            self.embedded = pgserver.get_server(tempfile.mkdtemp(prefix="chatlog-test-pg-"), cleanup_mode="delete")
+            self.admin_url = self.embedded.get_uri()
+        return self.admin_url
+
+    async def create_database(self) -> str:
+        """A new, empty, migrated database of this run's own."""
+        from store.migrate import migrate
+
+        name = f"chatlog_test_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(self.admin_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        self.databases.append(name)
+        url = with_database(self.admin_url, name)
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        return url
+
+    async def close(self) -> None:
+        if self.admin_url:
+            admin = await asyncpg.connect(self.admin_url)
+            try:
+                for name in self.databases:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
+        if self.embedded is not None:
+            self.embedded.cleanup()
