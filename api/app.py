@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.responses import JSONResponse
-from api.routes import conversations, events, feed, health
+from api.routes import conversations, events, feed, health, messages
 from api.settings import Settings
 from store import Store
 
@@ -44,8 +44,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.settings = settings
+    app.state.store = store  # None until the lifespan opens one
     app.state.principals_by_key = principals
     errors.install(app)
-    for module in (conversations, events, feed, health):
+    for module in (conversations, events, feed, health, messages):
         app.include_router(module.router)
     return app

@@ -35,6 +35,7 @@ _STORE_STATUS = {
     store_errors.SeqConflict: 409,
     store_errors.IdempotencyConflict: 409,
     store_errors.InvalidEvent: 422,
+    store_errors.OutOfRange: 422,
 }
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}

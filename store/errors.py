@@ -34,3 +34,7 @@ class InvalidEvent(StoreError):
 
 class Unavailable(StoreError):
     code = "store_unavailable"
+
+
+class OutOfRange(StoreError):
+    code = "out_of_range"

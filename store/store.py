@@ -16,10 +16,12 @@ import asyncpg
 import orjson
 
 import domain
+import projections
 from store import feed
 from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict, rfc3339
-from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, SeqConflict
-from store.writer import GroupWriter, Transaction
+from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, OutOfRange, SeqConflict
+from store.history import HistoryReader
+from store.writer import MAX_EVENTS_PER_TRANSACTION, GroupWriter, Transaction
 
 log = logging.getLogger("chatlog.store")
 
@@ -76,6 +78,7 @@ class Store:
     def __init__(self, pool: asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000) -> None:
         self.pool = pool
         self.writer = GroupWriter(pool, writers=writers, max_group_events=max_group_events)
+        self.history = HistoryReader(pool)
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4) -> "Store":
@@ -93,25 +96,31 @@ class Store:
         """Create a conversation; its seq 1 is `conversation.created` with `data`."""
         conversation_id = conversation_id or uuid.uuid4()
         data = {"metadata": {}, **(data or {})}
-        conversation = domain.create(conversation_id, data)
+        return await self._create(principal, conversation_id, data, [], domain.create(conversation_id, data))
+
+    async def _create(self, principal: str, conversation_id: uuid.UUID, data: dict, rest: list[NewEvent],
+                      conversation: domain.Conversation) -> dict:
+        """Insert the conversation row, its seq 1 and `rest` (already checked) at once."""
         state = domain.to_state(conversation)
+        events = [NewEvent("conversation.created", data), *rest]
 
         async def op(tx: Transaction) -> dict:
             row = await tx.conn.fetchrow(
-                """INSERT INTO conversations (id, principal, seq, created_at, updated_at, metadata, state)
-                   VALUES ($1, $2, 1, clock_timestamp(), clock_timestamp(), $3, $4)
+                """INSERT INTO conversations (id, principal, seq, created_at, updated_at, metadata, title,
+                                              open_turn_id, state)
+                   VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), $4, $5, $6, $7)
                    ON CONFLICT (id) DO NOTHING
                    RETURNING *""",
-                conversation_id, principal, data["metadata"], state,
+                conversation_id, principal, len(events), data["metadata"], conversation.title,
+                conversation.open_turn_id, state,
             )
             if row is None:
                 raise ConversationExists(f"a conversation with id {conversation_id} already exists",
                                          conversation_id=str(conversation_id))
-            await self._insert(tx, conversation_id, principal, row["created_at"], 1,
-                               [NewEvent("conversation.created", data)])
+            await self._insert(tx, conversation_id, principal, row["created_at"], 1, events)
             return conversation_dict(row)
 
-        return await self.writer.submit(str(conversation_id), 1, op)
+        return await self.writer.submit(str(conversation_id), len(events), op)
 
     async def append(self, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
                      expected_seq: int | None = None) -> Appended:
@@ -145,6 +154,39 @@ class Store:
             return Appended(stored, stored[-1]["seq"], replayed=False)
 
         return await self.writer.submit(str(conversation_id), len(events), op)
+
+    async def fork(self, principal: str, source_id: uuid.UUID, at_seq: int,
+                   conversation_id: uuid.UUID | None = None, metadata: dict | None = None) -> dict:
+        """A new conversation holding copies of the source's events 2..at_seq.
+
+        Its seq 1 records where it came from (`forked_from`); everything after
+        is the same types and data under new event ids, so every projection of
+        the fork equals the source's at `at_seq`. An open turn stays open in
+        the fork, exactly as it stood (close it with turn.cancelled to go on).
+        """
+        if at_seq >= MAX_EVENTS_PER_TRANSACTION:
+            raise OutOfRange(f"a fork copies at most {MAX_EVENTS_PER_TRANSACTION - 1} events in one transaction",
+                             limit=MAX_EVENTS_PER_TRANSACTION - 1)
+        current = await self.pool.fetchval("SELECT seq FROM conversations WHERE id = $1 AND principal = $2",
+                                           source_id, principal)
+        if current is None:
+            raise NotFound(f"conversation {source_id} was not found")
+        if not 1 <= at_seq <= current:
+            raise OutOfRange(f"at_seq must be between 1 and {current}, the conversation's current seq",
+                             current_seq=current)
+        rows = await self.pool.fetch(
+            "SELECT type, data FROM events WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq", source_id, at_seq)
+        source_created = rows[0]["data"]
+        data = {"metadata": source_created.get("metadata", {}) if metadata is None else metadata}
+        if source_created.get("system") is not None:
+            data["system"] = source_created["system"]
+        data["forked_from"] = {"conversation_id": str(source_id), "seq": at_seq}
+        copies = [NewEvent(r["type"], r["data"]) for r in rows[1:]]
+        conversation_id = conversation_id or uuid.uuid4()
+        conversation = domain.create(conversation_id, data)
+        for new in copies:
+            domain.apply(conversation, new.type, new.data)
+        return await self._create(principal, conversation_id, data, copies, conversation)
 
     async def _replayed(self, conn: asyncpg.Connection, conversation_id: uuid.UUID,
                         events: list[NewEvent]) -> list[dict] | None:
@@ -234,6 +276,13 @@ class Store:
             raise NotFound(f"conversation {conversation_id} was not found")
         current = rows[0]["current_seq"]
         return [event_dict(r) for r in rows if r["seq"] is not None], current
+
+    async def messages(self, principal: str, conversation_id: uuid.UUID, format: str,
+                       at_seq: int | None = None, at_time: datetime | None = None) -> dict:
+        """GET /messages: the projection exactly as it stood at a seq or moment."""
+        seq = await self.history.resolve(principal, conversation_id, at_seq, at_time)
+        state = await self.history.state_at(conversation_id, seq)
+        return {"conversation_id": str(conversation_id), **projections.render(state, format)}
 
     async def read_feed(self, principal: str, after_position: int = 0, limit: int = 1000) -> list[dict]:
         return await feed.read(self.pool, principal, after_position, limit)
