@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.responses import JSONResponse
-from api.routes import conversations, events, feed, health, messages
+from api.routes import conversations, events, feed, health, messages, stream, tokens
 from api.settings import Settings
 from store import Store
 
 log = logging.getLogger("chatlog")
+
+
+_TOKEN = re.compile(r"([?&]token=)[^&\s]+")
+
+
+def redact_tokens(record: logging.LogRecord) -> bool:
+    """Stream tokens are credentials: they never reach a log line."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(_TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+    elif isinstance(record.msg, str):
+        record.msg = _TOKEN.sub(r"\1[redacted]", record.msg)
+    return True
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -31,6 +45,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             app.state.store = await Store.open(settings.database_url, settings.pool_size, settings.writers)
         else:
             app.state.store = store
+        logging.getLogger("uvicorn.access").addFilter(redact_tokens)
         if not principals:
             log.warning("=" * 72)
             log.warning("OPEN MODE: CHATLOG_API_KEYS is not set. Anyone who can reach this server can")
@@ -47,6 +62,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store  # None until the lifespan opens one
     app.state.principals_by_key = principals
     errors.install(app)
-    for module in (conversations, events, feed, health, messages):
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                           expose_headers=["x-vercel-ai-ui-message-stream"], max_age=600)
+    for module in (conversations, events, feed, health, messages, stream, tokens):
         app.include_router(module.router)
     return app

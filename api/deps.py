@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Request
 
+from api import tokens
 from api.errors import ApiError
 from api.settings import Settings
 from store import Store
@@ -34,6 +35,30 @@ def get_principal(request: Request) -> str:
     principal = keys.get(key.strip())
     if principal is None:
         raise ApiError(401, "unauthorized", "that API key is not known")
+    return principal
+
+
+async def token_key(request: Request) -> bytes:
+    """The stream-token key: CHATLOG_TOKEN_SECRET, else the database's shared one."""
+    state = request.app.state
+    if getattr(state, "token_key", None) is None:
+        secret = state.settings.token_secret or await state.store.secret("stream_token")
+        state.token_key = secret.encode()
+    return state.token_key
+
+
+async def get_stream_principal(request: Request, conversation_id: str) -> str:
+    """Stream endpoints also accept `?token=` (EventSource cannot send headers)."""
+    token = request.query_params.get("token")
+    if token is None:
+        return get_principal(request)
+    try:
+        cid = uuid.UUID(conversation_id)
+    except ValueError:
+        raise ApiError(404, "not_found", f"conversation {conversation_id} was not found") from None
+    principal = tokens.principal_for(await token_key(request), token, cid)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "the stream token is invalid, expired, or for another conversation")
     return principal
 
 
@@ -68,6 +93,7 @@ def conversation_id(conversation_id: str) -> uuid.UUID:
 
 StoreDep = Annotated[Store, Depends(get_store)]
 PrincipalDep = Annotated[str, Depends(get_principal)]
+StreamPrincipalDep = Annotated[str, Depends(get_stream_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BodyDep = Annotated[Any, Depends(read_json)]
 ConversationIdDep = Annotated[uuid.UUID, Depends(conversation_id)]

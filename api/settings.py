@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(256 * 1024, description="Size of one event's data, as JSON.")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Size of one request body.")
     log_level: str = "info"
+    heartbeat_seconds: float = Field(15.0, description="SSE heartbeat (`: ping`) interval.")
+    stream_token_ttl_seconds: int = Field(300, description="Lifetime of a stream token.")
+    token_secret: str | None = Field(None, description="Key for stream tokens; unset: a random key kept in the database.")
+    cors_origins: str = Field("", description="Comma-separated origins allowed to call the API from browsers.")
 
     def principals_by_key(self) -> dict[str, str]:
         keys: dict[str, str] = {}

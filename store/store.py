@@ -21,6 +21,7 @@ from store import feed
 from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict, rfc3339
 from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, OutOfRange, SeqConflict
 from store.history import HistoryReader
+from store.listener import Listener
 from store.writer import MAX_EVENTS_PER_TRANSACTION, GroupWriter, Transaction
 
 log = logging.getLogger("chatlog.store")
@@ -75,17 +76,24 @@ SELECT seq, position, created_at FROM ins ORDER BY seq
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000) -> None:
+    def __init__(self, pool: asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000,
+                 dsn: str | None = None) -> None:
         self.pool = pool
         self.writer = GroupWriter(pool, writers=writers, max_group_events=max_group_events)
         self.history = HistoryReader(pool)
+        # live readers need a LISTEN connection of their own: only with a dsn
+        self.listener = Listener(dsn, self.events_after) if dsn else None
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4) -> "Store":
         pool = await create_pool(dsn, min_size=min(2, pool_size), max_size=pool_size)
-        return cls(pool, writers=min(writers, pool_size))
+        store = cls(pool, writers=min(writers, pool_size), dsn=dsn)
+        await store.listener.start()
+        return store
 
     async def close(self) -> None:
+        if self.listener is not None:
+            await self.listener.close()
         await self.writer.close()
         await self.pool.close()
 
@@ -226,7 +234,7 @@ class Store:
             [e.type for e in events], [_dumps(e.data) for e in events], previous_time, principal,
             seqs[-1], state, open_turn_id, title,
         )
-        tx.notifications.append(f"{conversation_id}:{seqs[-1]}")
+        tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}")
         moment = rfc3339(rows[0]["created_at"])
         cid = str(conversation_id)
         return [
@@ -284,8 +292,31 @@ class Store:
         state = await self.history.state_at(conversation_id, seq)
         return {"conversation_id": str(conversation_id), **projections.render(state, format)}
 
+    async def events_after(self, conversation_id: uuid.UUID, after: int, limit: int = 1000) -> list[dict]:
+        """Committed events with seq > after, for a caller that already checked access."""
+        rows = await self.pool.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            conversation_id, after, limit)
+        return [event_dict(r) for r in rows]
+
+    async def turn_start(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> int:
+        """The seq of a turn's `turn.started`; NotFound if there is no such turn."""
+        seq = await self.pool.fetchval(
+            """SELECT e.seq FROM events e JOIN conversations c ON c.id = e.conversation_id
+                WHERE c.id = $1 AND c.principal = $2 AND e.type = 'turn.started' AND e.data->>'turn_id' = $3""",
+            conversation_id, principal, turn_id)
+        if seq is None:
+            raise NotFound(f"turn {turn_id} was not found in conversation {conversation_id}")
+        return seq
+
     async def read_feed(self, principal: str, after_position: int = 0, limit: int = 1000) -> list[dict]:
         return await feed.read(self.pool, principal, after_position, limit)
+
+    async def secret(self, name: str) -> str:
+        value = await self.pool.fetchval("SELECT value FROM secrets WHERE name = $1", name)
+        if value is None:
+            raise RuntimeError(f"secret {name!r} is missing: run `chatlog migrate`")
+        return value
 
     async def ready(self) -> list[str]:
         """Migrations not yet applied (empty: ready). Raises if unreachable."""

@@ -9,6 +9,15 @@ only ever read committed rows, so nothing is visible before it is durable.
 Locks: each op locks its own conversation row. Ops of a group run in
 conversation-id order (stable, so one conversation's ops keep their arrival
 order), which makes lock order the same in every transaction: no deadlocks.
+
+Before any op runs, the transaction takes a transaction-level advisory lock on
+every conversation of its group (same order). Advisory locks need no xid, so
+the transaction gets its xid (its feed positions, see store/feed.py) only once
+it holds all of them. Hence two transactions writing one conversation get
+their xids in the order they write it, and a conversation's positions follow
+its seqs. Without this, a group that took its xid at its first row lock and
+then waited for a later conversation's row would write that conversation's
+next seq BELOW the positions of the transaction it waited for.
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ log = logging.getLogger("chatlog.writer")
 
 # position = (xid << 16) + index, so one transaction holds at most 65536 events.
 MAX_EVENTS_PER_TRANSACTION = 1 << 16
+
+# Keys sorted by the caller; unnest keeps their order, so every transaction locks in the same order.
+_LOCK_CONVERSATIONS = "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k"
 
 
 @dataclass
@@ -101,6 +113,7 @@ class GroupWriter:
         try:
             async with self._pool.acquire() as conn:
                 async with conn.transaction():
+                    await conn.execute(_LOCK_CONVERSATIONS, sorted({request.key for request in group}))
                     tx = Transaction(conn)
                     for request in group:
                         try:

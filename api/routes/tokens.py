@@ -1,0 +1,21 @@
+"""POST /v1/conversations/{id}/stream-token: a read-only token for EventSource."""
+
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Depends
+
+from api import tokens
+from api.deps import ConversationIdDep, PrincipalDep, SettingsDep, StoreDep, token_key
+from api.responses import JSONResponse
+from store.rows import rfc3339
+
+router = APIRouter(prefix="/v1/conversations", tags=["stream"])
+
+
+@router.post("/{conversation_id}/stream-token", status_code=201)
+async def stream_token(conversation_id: ConversationIdDep, principal: PrincipalDep, store: StoreDep,
+                       settings: SettingsDep, key: bytes = Depends(token_key)):
+    await store.get_conversation(principal, conversation_id)  # 404 unless it is yours
+    token, expires = tokens.mint(key, principal, conversation_id, settings.stream_token_ttl_seconds)
+    return JSONResponse({"token": token, "expires_at": rfc3339(datetime.fromtimestamp(expires, timezone.utc))},
+                        status_code=201)

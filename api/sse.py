@@ -1,0 +1,42 @@
+"""Server-Sent Events framing and the resume point.
+
+Frames are built here and nowhere else: `id:`, `event:`, `data:`, blank line;
+`retry:` first; heartbeats are comments (`: ping`), never data frames.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from api.errors import ApiError
+
+RETRY_MS = 3000
+PING = b": ping\n\n"
+DONE = b"data: [DONE]\n\n"
+
+_RESUME = re.compile(r"^(\d+)(?::(\d+))?$")
+
+
+def retry(ms: int = RETRY_MS) -> bytes:
+    return f"retry: {ms}\n\n".encode()
+
+
+def frame(id_: str, data: dict, event: str | None = None) -> bytes:
+    head = f"id: {id_}\n" + (f"event: {event}\n" if event else "")
+    return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def resume_point(last_event_id: str | None, after: str | None) -> tuple[int, int | None]:
+    """(seq, k) to resume after: `Last-Event-ID` wins over `after` (browsers
+    resend the original URL on reconnect), else 0. k is None for `<seq>` ids
+    and the chunk index for `<seq>:<k>` ids."""
+    raw = last_event_id if last_event_id not in (None, "") else after
+    if raw in (None, ""):
+        return 0, None
+    match = _RESUME.match(raw.strip())
+    if match is None:
+        source = "Last-Event-ID" if last_event_id else "after"
+        raise ApiError(422, "invalid_request", f"{source} must be a seq like 12 or a frame id like 12:3, not {raw!r}")
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
