@@ -18,7 +18,8 @@ State shape:
   "arguments": str (set once completed) or None, "result": {"content", "status"} or None}`.
 - `turns`: turn_id -> "open" | "finished" | "cancelled" | "failed".
 - `open_turn`: the open turn_id or None; `step`: index of the step that output
-  goes to, or None when the next output starts a new step.
+  goes to, or None when the next output starts a new step (always None while
+  no turn is open).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def fold(state: dict, event: dict) -> dict:
     Uses only the event's `seq`, `type` and `data`. An event the domain would
     refuse for its place in the history (wrong or closed turn, unknown or
     finished call, second final result, message during a turn, second
-    conversation.created) changes no message, so reading a history never
+    conversation.created) changes nothing but `seq`, so reading a history never
     fails; shapes and argument JSON are not checked again.
     """
     handler = _HANDLERS.get(event["type"])
@@ -81,10 +82,6 @@ def state_from_json(raw: bytes | str) -> dict:
     return state
 
 
-def is_final(result: dict | None) -> bool:
-    return result is not None and result["status"] != "pending"
-
-
 # -- handlers: (state, data) -> None ------------------------------------------
 
 def _created(state: dict, data: dict) -> None:
@@ -105,7 +102,6 @@ def _turn_started(state: dict, data: dict) -> None:
     if state["open_turn"] is None and turn_id not in state["turns"]:
         state["turns"][turn_id] = "open"
         state["open_turn"] = turn_id
-        state["step"] = None
 
 
 def _turn_closed(status: str):
@@ -135,7 +131,7 @@ def _delta(field: str):
 
 def _call_started(state: dict, data: dict) -> None:
     call_id = data["tool_call_id"]
-    if data["turn_id"] == state["open_turn"]:
+    if data["turn_id"] == state["open_turn"] and call_id not in state["calls"]:
         _current_step(state)["calls"].append(call_id)
         state["calls"][call_id] = {"name": data["name"], "turn_id": data["turn_id"], "step": state["step"],
                                    "deltas": [], "arguments": None, "result": None}
@@ -165,8 +161,10 @@ def _call_completed(state: dict, data: dict) -> None:
 
 def _result(state: dict, data: dict) -> None:
     call = state["calls"].get(data["tool_call_id"])
-    if call is None or call["arguments"] is None or is_final(call["result"]):
-        return
+    if call is None or call["arguments"] is None:
+        return  # a call never completed is dropped, its results too
+    if call["result"] is not None and call["result"]["status"] != "pending":
+        return  # the first final result stays
     # A result for one of the current step's own calls ends that step: what the
     # model says next answers the result. Results for older steps' calls (late,
     # or final after pending) land in their own place and split nothing.

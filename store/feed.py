@@ -30,7 +30,9 @@ SELECT {EVENT_COLUMNS}
  WHERE principal = $1
    AND position > $2
    AND position < (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)
- ORDER BY position
+ -- ordered like the (principal, position) index, so the planner walks it
+ -- even before ANALYZE has seen the table
+ ORDER BY principal, position
  LIMIT $3
 """
 

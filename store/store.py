@@ -62,7 +62,7 @@ _INSERT_EVENTS = """
 WITH ins AS (
     INSERT INTO events (conversation_id, seq, position, id, type, data, created_at, principal)
     SELECT $1, e.seq, (pg_current_xact_id()::text::bigint << 16) + e.idx, e.id, e.type, e.data::jsonb,
-           greatest(statement_timestamp(), $7), $8
+           coalesce($13::timestamptz, greatest(statement_timestamp(), $7)), $8
       FROM unnest($2::int[], $3::int[], $4::text[], $5::text[], $6::text[]) AS e(seq, idx, id, type, data)
     RETURNING seq, position, created_at
 ), upd AS (
@@ -116,7 +116,7 @@ class Store:
             row = await tx.conn.fetchrow(
                 """INSERT INTO conversations (id, principal, seq, created_at, updated_at, metadata, title,
                                               open_turn_id, state)
-                   VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), $4, $5, $6, $7)
+                   VALUES ($1, $2, $3, statement_timestamp(), statement_timestamp(), $4, $5, $6, $7)
                    ON CONFLICT (id) DO NOTHING
                    RETURNING *""",
                 conversation_id, principal, len(events), data["metadata"], conversation.title,
@@ -125,7 +125,7 @@ class Store:
             if row is None:
                 raise ConversationExists(f"a conversation with id {conversation_id} already exists",
                                          conversation_id=str(conversation_id))
-            await self._insert(tx, conversation_id, principal, row["created_at"], 1, events)
+            await self._insert(tx, conversation_id, principal, row["created_at"], 1, events, at=row["created_at"])
             return conversation_dict(row)
 
         return await self.writer.submit(str(conversation_id), len(events), op)
@@ -144,7 +144,7 @@ class Store:
                 raise NotFound(f"conversation {conversation_id} was not found")
             replay = await self._replayed(conn, conversation_id, events)
             if replay is not None:
-                return Appended(replay, replay[-1]["seq"], replayed=True)
+                return Appended(replay, max(e["seq"] for e in replay), replayed=True)
             current = row["seq"]
             if expected_seq is not None and expected_seq != current:
                 raise SeqConflict(f"expected_seq is {expected_seq} but the conversation is at seq {current}",
@@ -225,14 +225,15 @@ class Store:
 
     async def _insert(self, tx: Transaction, conversation_id: uuid.UUID, principal: str,
                       previous_time: datetime, first_seq: int, events: list[NewEvent],
-                      state: dict | None = None, open_turn_id: str | None = None) -> list[dict]:
+                      state: dict | None = None, open_turn_id: str | None = None,
+                      at: datetime | None = None) -> list[dict]:
         seqs = list(range(first_seq, first_seq + len(events)))
         ids = [e.id or str(uuid.uuid4()) for e in events]
         title = next((e.data["title"] for e in reversed(events) if e.type == "conversation.titled"), None)
         rows = await tx.conn.fetch(
             _INSERT_EVENTS, conversation_id, seqs, tx.take_indexes(len(events)), ids,
             [e.type for e in events], [_dumps(e.data) for e in events], previous_time, principal,
-            seqs[-1], state, open_turn_id, title,
+            seqs[-1], state, open_turn_id, title, at,
         )
         tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}")
         moment = rfc3339(rows[0]["created_at"])

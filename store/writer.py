@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 
-from store.errors import StoreError
+from store.errors import OutOfRange, StoreError
 
 log = logging.getLogger("chatlog.writer")
 
@@ -74,11 +74,16 @@ class GroupWriter:
         self._ready = asyncio.Condition()
         self._max_events = min(max_group_events, MAX_EVENTS_PER_TRANSACTION)
         self._after_commit = after_commit
+        self._writers = writers
         self._tasks = [asyncio.create_task(self._work(), name=f"chatlog-writer-{i}") for i in range(writers)]
         self.transactions = 0  # counters, for /metrics-like introspection and the bench
         self.ops = 0
 
     async def submit(self, key: str, size: int, op: Op) -> Any:
+        if size > MAX_EVENTS_PER_TRANSACTION:
+            # its positions would run into the next transaction's (store/feed.py)
+            raise OutOfRange(f"one write holds at most {MAX_EVENTS_PER_TRANSACTION} events, this one has {size}",
+                             limit=MAX_EVENTS_PER_TRANSACTION)
         future = asyncio.get_running_loop().create_future()
         async with self._ready:
             self._waiting.append(_Request(key, size, op, future))
@@ -96,9 +101,13 @@ class GroupWriter:
         while True:
             async with self._ready:
                 await self._ready.wait_for(lambda: self._waiting)
+                # Take a fair share of what waits, so the other writers get
+                # work too: one huge group on one connection is slower than a
+                # few in parallel whose fsyncs PostgreSQL combines anyway.
+                share = -(-len(self._waiting) // self._writers)
                 first = self._waiting.popleft()
                 group, size = [first], first.size
-                while self._waiting and size + self._waiting[0].size <= self._max_events:
+                while self._waiting and len(group) < share and size + self._waiting[0].size <= self._max_events:
                     request = self._waiting.popleft()
                     group.append(request)
                     size += request.size

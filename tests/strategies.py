@@ -275,16 +275,20 @@ def valid_event_sequences(draw, max_events: int = 40) -> list[dict]:
 
 
 def _invalid(draw, rules: DomainRules) -> tuple[str, dict]:
+    """One event breaking a rule, each rule about equally likely."""
     open_turn = rules.open_turn
     other_turn = draw(st.sampled_from(sorted(rules.turns - {open_turn}) + ["turn_unknown"]))
-    turn_events = [text(other_turn, "x"), call(other_turn, "call_new"), finished(other_turn), cancelled(other_turn)]
-    unusable = rules.with_status(COMPLETED, FINAL, ABANDONED) + ["call_unknown"]
-    unanswerable = rules.with_status(STARTED, ABANDONED, FINAL) + ["call_unknown"]
-    candidates = [created(), args(draw(st.sampled_from(unusable)), "{}"),
-                  completed(draw(st.sampled_from(unusable)), "{}"),
-                  result(draw(st.sampled_from(unanswerable)), "late", "ok")] + turn_events
+    unusable = draw(st.sampled_from(rules.with_status(COMPLETED, FINAL, ABANDONED) + ["call_unknown"]))
+    candidates = [
+        draw(st.sampled_from([text(other_turn, "x"), call(other_turn, "call_new"), cancelled(other_turn)])),
+        draw(st.sampled_from([args(unusable, "{}"), completed(unusable, "{}")])),
+        result(draw(st.sampled_from(rules.with_status(STARTED, ABANDONED) + ["call_unknown"])), "early", "ok"),
+        created("A second prompt"),
+    ]
+    if rules.with_status(FINAL):
+        candidates.append(result(draw(st.sampled_from(rules.with_status(FINAL))), "again", "ok"))
     if open_turn:
-        candidates += [user("hi"), system("be brief"), started(_turn_id(rules))]
+        candidates += [draw(st.sampled_from([user("hi"), system("be brief")])), started(_turn_id(rules))]
         mine = [cid for cid in rules.with_status(STARTED) if rules.calls[cid]["turn_id"] == open_turn]
         if mine:
             candidates.append(completed(draw(st.sampled_from(mine)), "{not json"))
@@ -304,12 +308,12 @@ def event_sequences_with_one_invalid(draw, max_events: int = 40) -> tuple[list[d
     rules, plans = DomainRules(), {}
     pairs = [created()]
     rules.apply(*pairs[0])
-    _grow(draw, rules, pairs, draw(st.integers(0, max_events // 2)), plans)
+    _grow(draw, rules, pairs, draw(st.integers(0, max_events - 5)), plans)
     bad = _invalid(draw, rules)
     assert rules.broken_rule(*bad) is not None, (bad, "the generator made a valid event")
     index = len(pairs)
     pairs.append(bad)
-    _grow(draw, rules, pairs, draw(st.integers(0, max_events // 4)), plans)
+    _grow(draw, rules, pairs, draw(st.integers(0, 4)), plans)
     return history(*pairs, created_first=False), index
 
 

@@ -58,7 +58,8 @@ def test_cancelled_turn_answers_its_calls_with_a_no_result_error():
     messages = anthropic(user("q"), started("t1"), text("t1", "Part"), call("t1", "a"), completed("a", "{}"),
                          cancelled("t1"))["messages"]
     assert messages[1:] == [
-        {"role": "assistant", "content": [said("Part"), {"type": "tool_use", "id": "a", "name": "search", "input": {}}]},
+        {"role": "assistant", "content": [
+            said("Part"), {"type": "tool_use", "id": "a", "name": "search", "input": {}}]},
         {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "a", "content": '{"error":"no_result","reason":"cancelled"}'}]},
     ]

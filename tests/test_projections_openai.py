@@ -164,6 +164,12 @@ def test_adjacent_steps_merge_into_one_message_joined_by_newline():
     ]
 
 
+def test_merging_into_a_step_without_text_adds_no_newline():
+    messages = openai(user("q"), started("t1"), text("t1", "Hm."), finished("t1"), started("t2"), call("t2", "a"),
+                      completed("a", "{}"), result("a", "A"), finished("t2"))
+    assert messages[1] == {"role": "assistant", "content": "Hm.", "tool_calls": asked(("a", "search", "{}"))}
+
+
 def test_arguments_are_the_completed_ones_else_the_joined_deltas():
     messages = openai(
         started("t1"), call("t1", "a"), args("a", '{"x"'), args("a", ":1}"), completed("a", '{"x": 2}'),

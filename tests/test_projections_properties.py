@@ -85,5 +85,4 @@ def test_an_event_the_domain_refuses_changes_no_message(case):
     if index > 0 and rules.broken_rule(bad["type"], bad["data"]) != "arguments must be JSON":
         # The fold re-checks history rules, not argument JSON.
         without = fold_all(events[:index] + events[index + 1:])
-        assert render_openai(state) == render_openai(without)
-        assert render_anthropic(state) == render_anthropic(without)
+        assert {**state, "seq": None} == {**without, "seq": None}

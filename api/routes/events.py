@@ -22,6 +22,16 @@ def _invalid(index: int, message: str, rule: str, **details) -> ApiError:
     return ApiError(422, "invalid_event", f"event {index}: {message}", index=index, rule=rule, **details)
 
 
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
     """Check each event's shape and size; the first bad one refuses the batch."""
     if not raw_events:
@@ -39,7 +49,11 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
             first = exc.errors(include_url=False, include_input=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "event"
             raise _invalid(index, f"{field}: {first['msg']}", "event_shape") from None
-        size = len(orjson.dumps(event.data))
+        encoded = orjson.dumps(event.data)
+        if b"\\u0000" in encoded and _has_nul(event.data):
+            # PostgreSQL text cannot hold NUL; refuse it here rather than fail the store
+            raise _invalid(index, "data contains a NUL character (\\u0000), which cannot be stored", "no_nul")
+        size = len(encoded)
         if size > settings.max_event_bytes:
             raise ApiError(413, "event_too_large",
                            f"event {index}: data is {size} bytes, the limit is {settings.max_event_bytes}",
