@@ -9,6 +9,8 @@ asking for "now" again folds only what was appended since.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections import OrderedDict
 from datetime import datetime
@@ -21,12 +23,15 @@ from store.errors import NotFound, OutOfRange
 
 SNAPSHOT_EVERY = 256
 
+log = logging.getLogger("chatlog.history")
+
 
 class HistoryReader:
     def __init__(self, pool: asyncpg.Pool, cache_size: int = 256) -> None:
         self._pool = pool
         self._latest: OrderedDict[uuid.UUID, dict] = OrderedDict()
         self._cache_size = cache_size
+        self._writes: set[asyncio.Task] = set()
 
     async def resolve(self, principal: str, conversation_id: uuid.UUID, at_seq: int | None,
                       at_time: datetime | None) -> int:
@@ -50,20 +55,23 @@ class HistoryReader:
         return current
 
     async def state_at(self, conversation_id: uuid.UUID, seq: int) -> dict:
-        """The fold state exactly at `seq` (which must exist)."""
+        """The fold state exactly at `seq` (which must exist).
+
+        Render it before the next await: the cached state is advanced in
+        place by later reads.
+        """
         cached = self._latest.get(conversation_id)
         if cached is not None and cached["seq"] == seq:
             self._latest.move_to_end(conversation_id)
             return cached
         if cached is not None and cached["seq"] < seq:
-            # Advance the cached state in place; another reader may advance it
-            # while we await, so fold only if it is still where we read from.
             start = cached["seq"]
             tail = await self._events(conversation_id, start, seq)
+            # another reader may have advanced it while we awaited
             if cached["seq"] == start:
-                projections.fold_all(tail, cached)
-                return cached
-        state = await self._fold_from_snapshot(conversation_id, seq)
+                return self._fold(conversation_id, cached, tail)
+        state = await self._snapshot_before(conversation_id, seq)
+        state = self._fold(conversation_id, state, await self._events(conversation_id, state["seq"], seq))
         current = self._latest.get(conversation_id)
         if current is None or current["seq"] < seq:
             self._latest[conversation_id] = state
@@ -75,28 +83,44 @@ class HistoryReader:
     def forget(self) -> None:
         self._latest.clear()
 
-    async def _fold_from_snapshot(self, conversation_id: uuid.UUID, seq: int) -> dict:
+    async def flush(self) -> None:
+        """Wait for snapshot writes under way (tests, shutdown)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    def _fold(self, conversation_id: uuid.UUID, state: dict, events: list[dict]) -> dict:
+        """Fold without awaiting; snapshots passed on the way are saved in the background."""
+        snapshots = []
+        for event in events:
+            projections.fold(state, event)
+            if event["seq"] % SNAPSHOT_EVERY == 0:
+                snapshots.append((conversation_id, event["seq"], VERSION, projections.state_to_json(state)))
+        if snapshots:
+            task = asyncio.create_task(self._save(snapshots))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        return state
+
+    async def _save(self, snapshots: list[tuple]) -> None:
+        try:
+            await self._pool.executemany(
+                """INSERT INTO history_snapshots (conversation_id, seq, version, state)
+                   VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""", snapshots)
+        except Exception as exc:  # derived data: a lost snapshot only costs a longer fold later
+            log.warning("could not save %d history snapshots: %r", len(snapshots), exc)
+
+    async def _snapshot_before(self, conversation_id: uuid.UUID, seq: int) -> dict:
         row = await self._pool.fetchrow(
             """SELECT seq, state FROM history_snapshots
                 WHERE conversation_id = $1 AND seq <= $2 AND version = $3
                 ORDER BY seq DESC LIMIT 1""",
             conversation_id, seq, VERSION)
-        state = projections.initial_state()
         if row is not None:
             try:
-                state = projections.state_from_json(row["state"])
+                return projections.state_from_json(row["state"])
             except ValueError:
-                state = projections.initial_state()
-        snapshots = []
-        for event in await self._events(conversation_id, state["seq"], seq):
-            projections.fold(state, event)
-            if event["seq"] % SNAPSHOT_EVERY == 0:
-                snapshots.append((conversation_id, event["seq"], VERSION, projections.state_to_json(state)))
-        if snapshots:
-            await self._pool.executemany(
-                """INSERT INTO history_snapshots (conversation_id, seq, version, state)
-                   VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""", snapshots)
-        return state
+                pass
+        return projections.initial_state()
 
     async def _events(self, conversation_id: uuid.UUID, after: int, upto: int) -> list[dict]:
         # the fold reads only seq, type and data

@@ -95,6 +95,7 @@ class Store:
         if self.listener is not None:
             await self.listener.close()
         await self.writer.close()
+        await self.history.flush()
         await self.pool.close()
 
     # -- writes ---------------------------------------------------------------
