@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import asynccontextmanager
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,15 +19,21 @@ from store import Store
 log = logging.getLogger("chatlog")
 
 
-_TOKEN = re.compile(r"([?&]token=)[^&\s]+")
+# A query parameter as it appears in a logged URL. Its name is matched decoded,
+# as the app reads it: `?%74oken=` is a token too.
+_QUERY_PARAM = re.compile(r"([?&])([^=&#\s]*)=([^&#\s]*)")
+
+
+def _redact(text: str) -> str:
+    return _QUERY_PARAM.sub(lambda m: f"{m[1]}{m[2]}=[redacted]" if unquote_plus(m[2]) == "token" else m[0], text)
 
 
 def redact_tokens(record: logging.LogRecord) -> bool:
     """Stream tokens are credentials: they never reach a log line."""
     if isinstance(record.args, tuple):
-        record.args = tuple(_TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+        record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
     elif isinstance(record.msg, str):
-        record.msg = _TOKEN.sub(r"\1[redacted]", record.msg)
+        record.msg = _redact(record.msg)
     return True
 
 

@@ -64,7 +64,8 @@ class HistoryReader:
         if cached is not None and cached["seq"] == seq:
             self._latest.move_to_end(conversation_id)
             return cached
-        if cached is not None and cached["seq"] < seq:
+        if cached is not None and cached["seq"] < seq <= cached["seq"] + SNAPSHOT_EVERY:
+            # (a longer gap folds less from the nearest snapshot)
             start = cached["seq"]
             tail = await self._events(conversation_id, start, seq)
             # another reader may have advanced it while we awaited

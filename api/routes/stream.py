@@ -17,12 +17,14 @@ from starlette.responses import StreamingResponse
 
 from api import sse
 from api.deps import ConversationIdDep, SettingsDep, StoreDep, StreamPrincipalDep
+from projections import ui
 from projections.compact import compact as compact_events
 from store import Store
 
 router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+UI_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 TURN_ENDS = frozenset({"turn.finished", "turn.cancelled", "turn.failed"})
 
 
@@ -52,14 +54,74 @@ async def event_frames(batches: AsyncIterator[tuple[bool, list[dict]]], compact:
                 yield sse.PING
                 continue
             if until_turn is not None:
-                end = next((i for i, e in enumerate(events)
-                            if e["type"] in TURN_ENDS and e["data"]["turn_id"] == until_turn), None)
-                if end is not None:
-                    events = events[:end + 1]
+                events = _through_turn_end(events, until_turn)
             for event in (events if live or not compact else compact_events(events)):
                 yield sse.frame(str(event["seq"]), event, event["type"])
-            if until_turn is not None and end is not None:
+            if until_turn is not None and _ends_turn(events[-1], until_turn):
                 return
+
+
+async def ui_frames(store: Store, conversation_id: uuid.UUID, resume: tuple[int, int | None],
+                    batches: AsyncIterator[tuple[bool, list[dict]]], compact: bool, state: dict | None,
+                    until_turn: str | None = None) -> AsyncIterator[bytes]:
+    """The Vercel AI SDK UI message stream: frames `<seq>:<k>`, `[DONE]` after a turn ends.
+
+    `state` is the translator's state right before `batches` begin (None: a
+    fresh one, right for a turn's own stream). The first batch holds the
+    resume point's event when there are frames of it left to send.
+    """
+    yield sse.retry()
+    first = True
+    state = ui.initial_ui_state() if state is None else state
+    async with aclosing(batches):
+        async for live, events in batches:
+            if not events:
+                yield sse.PING
+                continue
+            if until_turn is not None:
+                events = _through_turn_end(events, until_turn)
+            if first:
+                frames = ui.ui_frames_after(events, resume, state, compacted=compact and not live)
+                first = False
+            else:
+                frames = ui.ui_frames(events if live or not compact else compact_events(events), state)
+            # [DONE] goes right after the last frame of each turn-ending event
+            ends = [e["seq"] for e in events if ui.is_turn_end(e)]
+            for frame_id, chunk in frames:
+                while ends and ui.parse_frame_id(frame_id)[0] > ends[0]:
+                    ends.pop(0)
+                    yield sse.DONE
+                yield sse.frame(frame_id, chunk)
+            for _ in ends:
+                yield sse.DONE
+            if until_turn is not None and _ends_turn(events[-1], until_turn):
+                return
+
+
+def _ends_turn(event: dict, turn_id: str) -> bool:
+    return event["type"] in TURN_ENDS and event["data"]["turn_id"] == turn_id
+
+
+def _through_turn_end(events: list[dict], turn_id: str) -> list[dict]:
+    """`events` up to and including the end of turn `turn_id`."""
+    for i, event in enumerate(events):
+        if _ends_turn(event, turn_id):
+            return events[:i + 1]
+    return events
+
+
+async def _ui_state_before(store: Store, conversation_id: uuid.UUID, seq: int) -> dict:
+    """The translator's state after events 1..seq-1 (a late tool result needs
+    its call from an older turn, so the whole history is folded)."""
+    state, cursor = ui.initial_ui_state(), 0
+    while cursor < seq - 1:
+        events = await store.events_after(conversation_id, cursor, min(1000, seq - 1 - cursor))
+        if not events:
+            break
+        for event in events:
+            ui.ui_chunks(state, event)
+        cursor = events[-1]["seq"]
+    return state
 
 
 def _response(body: AsyncIterator[bytes], extra: dict | None = None) -> StreamingResponse:
@@ -71,10 +133,16 @@ async def stream(conversation_id: ConversationIdDep, principal: StreamPrincipalD
                  settings: SettingsDep, after: str | None = None,
                  format: Literal["events", "ui"] = "events", compact: bool = True, follow: bool = True,
                  last_event_id: str | None = Header(None)):
-    seq, _ = sse.resume_point(last_event_id, after)
+    resume = sse.resume_point(last_event_id, after)
     current = (await store.get_conversation(principal, conversation_id))["seq"]
-    batches = stored_then_live(store, conversation_id, seq, current, follow, settings.heartbeat_seconds)
-    return _response(event_frames(batches, compact))
+    if format == "events":
+        batches = stored_then_live(store, conversation_id, resume[0], current, follow, settings.heartbeat_seconds)
+        return _response(event_frames(batches, compact))
+    # ui: resume inside an event's frames, so read from that event itself
+    start = max(resume[0] - 1 if resume[1] is not None else resume[0], 0)
+    state = await _ui_state_before(store, conversation_id, start + 1)
+    batches = stored_then_live(store, conversation_id, start, current, follow, settings.heartbeat_seconds)
+    return _response(ui_frames(store, conversation_id, resume, batches, compact, state), UI_HEADERS)
 
 
 @router.get("/{conversation_id}/turns/{turn_id}/stream")
@@ -82,11 +150,18 @@ async def turn_stream(conversation_id: ConversationIdDep, turn_id: str, principa
                       store: StoreDep, settings: SettingsDep, after: str | None = None,
                       format: Literal["events", "ui"] = "events", compact: bool = True,
                       last_event_id: str | None = Header(None)):
-    seq, _ = sse.resume_point(last_event_id, after)
+    resume = sse.resume_point(last_event_id, after)
     start = await store.turn_start(principal, conversation_id, turn_id)
     conversation = await store.get_conversation(principal, conversation_id)
     # a turn that already ended is replayed and the response ends
     still_open = conversation["open_turn_id"] == turn_id
-    batches = stored_then_live(store, conversation_id, max(seq, start - 1), conversation["seq"], still_open,
+    if format == "events":
+        batches = stored_then_live(store, conversation_id, max(resume[0], start - 1), conversation["seq"],
+                                   still_open, settings.heartbeat_seconds)
+        return _response(event_frames(batches, compact, until_turn=turn_id))
+    # ui: the turn's frames come from a fresh translator fed from turn.started
+    batches = stored_then_live(store, conversation_id, start - 1, conversation["seq"], still_open,
                                settings.heartbeat_seconds)
-    return _response(event_frames(batches, compact, until_turn=turn_id))
+    resume = resume if resume[0] >= start else (start - 1, None)
+    return _response(ui_frames(store, conversation_id, resume, batches, compact, None, until_turn=turn_id),
+                     UI_HEADERS)
