@@ -12,10 +12,10 @@ keep only their status; argument text is held only while a call is open.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from uuid import UUID
 
+import orjson
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import RuleBroken
@@ -109,8 +109,10 @@ class Conversation(Aggregate):
         if arguments is None:
             arguments = "".join(self.call_args[tool_call_id])
         try:
-            json.loads(arguments)
-        except ValueError:
+            # strict JSON (orjson): NaN/Infinity, which json.loads lets through,
+            # would break OpenAI requests and browsers' JSON.parse
+            orjson.loads(arguments)
+        except orjson.JSONDecodeError:
             raise RuleBroken("arguments_json",
                              f"arguments of tool call {tool_call_id!r} are not valid JSON: {arguments[:80]!r}") from None
         del self.call_args[tool_call_id]

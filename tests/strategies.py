@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 
+import orjson
+
 from hypothesis import strategies as st
 
 # -- builders: each returns (type, data); history() numbers them --------------
@@ -127,8 +129,8 @@ class DomainRules:
             if type_ == "tool_call.completed":
                 arguments = data.get("arguments")
                 try:
-                    json.loads("".join(call["deltas"]) if arguments is None else arguments)
-                except ValueError:
+                    orjson.loads("".join(call["deltas"]) if arguments is None else arguments)
+                except orjson.JSONDecodeError:
                     return "arguments must be JSON"
             return None
         if type_ == "tool.result":

@@ -66,7 +66,7 @@ def test_stored_state_resumes_exactly_like_a_replay(events, data):
 # every step.
 _turns = st.sampled_from(["t1", "t2", "t3"])
 _calls = st.sampled_from(["c1", "c2", "c3"])
-_fragments = st.sampled_from(["{", "}", "{}", '"x"', "", "[1", "]", "nul", "l"])
+_fragments = st.sampled_from(["{", "}", "{}", '"x"', "", "[1", "]", "nul", "l", "NaN", "Infinity"])
 chaos_event = st.one_of(
     st.builds(lambda c: ("message.user", {"content": c}), st.sampled_from(["hi", ""])),
     st.just(("message.system", {"content": "be brief"})),
