@@ -30,10 +30,9 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import statistics
+import sys
 import tempfile
 import time
-import uuid
 from array import array
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from tests.servers import ChatlogServer, Frame, RawSSE, auth
 
 
 def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- the readers' process -------------------------------------------------------------
@@ -184,7 +183,7 @@ def table(rows: list[dict]) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    started = time.monotonic()
+    started, load = time.monotonic(), os.getloadavg()[0]
     pg = TestServer()
     await pg.start()
     database_url = await pg.create_database()
@@ -197,8 +196,8 @@ async def main(args: argparse.Namespace) -> None:
                 await variant("cross process (A→B)", a, b, args.readers, args.conversations, args.rate,
                               args.seconds)]
         print()
-        print(f"## SSE commit-to-client latency ({os.cpu_count()} CPUs, load average at end "
-              f"{os.getloadavg()[0]:.2f}; one `chatlog serve` per process, workers=1; readers in one process "
+        print(f"## SSE commit-to-client latency ({os.cpu_count()} CPUs, load average before start "
+              f"{load:.2f}; one `chatlog serve` per process, workers=1; readers in one process "
               f"of their own)")
         print()
         print(table(rows))

@@ -88,7 +88,14 @@ class Tail:
             return None
         if seq >= buffer[-1]["seq"]:
             return []
-        return [e for e in buffer if e["seq"] > seq]
+        # from the right: a reader usually wants only the few newest events
+        newer = []
+        for event in reversed(buffer):
+            if event["seq"] <= seq:
+                break
+            newer.append(event)
+        newer.reverse()
+        return newer
 
     async def wait(self, timeout: float) -> bool:
         """Wait for new events; False on timeout."""
@@ -105,6 +112,8 @@ class Tail:
 
 class Listener:
     """The process's one LISTEN connection and its tails."""
+
+    KEEPALIVE_SECONDS = 10.0
 
     def __init__(self, dsn: str, read: ReadEvents, buffer_size: int = 1024) -> None:
         self._dsn = dsn
@@ -141,7 +150,7 @@ class Listener:
                 self._connected.set()
                 for tail in self.tails.values():
                     tail.refresh()
-                await lost.wait()
+                await self._watch(conn, lost)
             except asyncio.CancelledError:
                 if self._conn is not None:
                     await self._conn.close()
@@ -150,6 +159,19 @@ class Listener:
                 log.warning("listener connection failed (%r); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5)
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Return when the connection is gone: closed, or silently dead (no
+        FIN ever arrives), which a periodic round trip finds out."""
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), self.KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                try:
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self.KEEPALIVE_SECONDS)
+                except (asyncio.TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                    conn.terminate()
+                    return
 
     def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
         conversation, first, last = payload.split(":")

@@ -301,15 +301,17 @@ class Store:
             conversation_id, after, limit)
         return [event_dict(r) for r in rows]
 
-    async def turn_start(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> int:
-        """The seq of a turn's `turn.started`; NotFound if there is no such turn."""
-        seq = await self.pool.fetchval(
-            """SELECT e.seq FROM events e JOIN conversations c ON c.id = e.conversation_id
-                WHERE c.id = $1 AND c.principal = $2 AND e.type = 'turn.started' AND e.data->>'turn_id' = $3""",
+    async def turn_span(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> tuple[int, int | None]:
+        """(seq of the turn's turn.started, seq of its closing event or None while open)."""
+        rows = await self.pool.fetch(
+            """SELECT e.seq, e.type FROM events e JOIN conversations c ON c.id = e.conversation_id
+                WHERE c.id = $1 AND c.principal = $2 AND e.data->>'turn_id' = $3
+                  AND e.type IN ('turn.started', 'turn.finished', 'turn.cancelled', 'turn.failed')
+                ORDER BY e.seq""",
             conversation_id, principal, turn_id)
-        if seq is None:
+        if not rows or rows[0]["type"] != "turn.started":
             raise NotFound(f"turn {turn_id} was not found in conversation {conversation_id}")
-        return seq
+        return rows[0]["seq"], rows[1]["seq"] if len(rows) > 1 else None
 
     async def read_feed(self, principal: str, after_position: int = 0, limit: int = 1000) -> list[dict]:
         return await feed.read(self.pool, principal, after_position, limit)

@@ -151,17 +151,17 @@ async def turn_stream(conversation_id: ConversationIdDep, turn_id: str, principa
                       format: Literal["events", "ui"] = "events", compact: bool = True,
                       last_event_id: str | None = Header(None)):
     resume = sse.resume_point(last_event_id, after)
-    start = await store.turn_start(principal, conversation_id, turn_id)
-    conversation = await store.get_conversation(principal, conversation_id)
-    # a turn that already ended is replayed and the response ends
-    still_open = conversation["open_turn_id"] == turn_id
+    start, end = await store.turn_span(principal, conversation_id, turn_id)
+    # an ended turn is replayed up to its end and the response ends; an open
+    # one is followed until it closes
+    upto = end if end is not None else (await store.get_conversation(principal, conversation_id))["seq"]
+    follow = end is None
     if format == "events":
-        batches = stored_then_live(store, conversation_id, max(resume[0], start - 1), conversation["seq"],
-                                   still_open, settings.heartbeat_seconds)
+        batches = stored_then_live(store, conversation_id, max(resume[0], start - 1), upto, follow,
+                                   settings.heartbeat_seconds)
         return _response(event_frames(batches, compact, until_turn=turn_id))
     # ui: the turn's frames come from a fresh translator fed from turn.started
-    batches = stored_then_live(store, conversation_id, start - 1, conversation["seq"], still_open,
-                               settings.heartbeat_seconds)
+    batches = stored_then_live(store, conversation_id, start - 1, upto, follow, settings.heartbeat_seconds)
     resume = resume if resume[0] >= start else (start - 1, None)
     return _response(ui_frames(store, conversation_id, resume, batches, compact, None, until_turn=turn_id),
                      UI_HEADERS)
