@@ -99,10 +99,13 @@ class Tail:
 
     async def wait(self, timeout: float) -> bool:
         """Wait for new events; False on timeout."""
+        # asyncio.timeout waits in the reader's own task (wait_for would start
+        # one more task per waiting reader)
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def close(self) -> None:
@@ -165,11 +168,13 @@ class Listener:
         FIN ever arrives), which a periodic round trip finds out."""
         while not lost.is_set():
             try:
-                await asyncio.wait_for(lost.wait(), self.KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.KEEPALIVE_SECONDS):
+                    await lost.wait()
+            except TimeoutError:
                 try:
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self.KEEPALIVE_SECONDS)
-                except (asyncio.TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                    async with asyncio.timeout(self.KEEPALIVE_SECONDS):
+                        await conn.fetchval("SELECT 1")
+                except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
                     conn.terminate()
                     return
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from contextlib import aclosing
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Iterable, Literal
 
 from fastapi import APIRouter, Header, Query
 from starlette.responses import StreamingResponse
@@ -45,8 +45,10 @@ async def stored_then_live(store: Store, conversation_id: uuid.UUID, after: int,
                 yield True, events
 
 
-async def event_frames(batches: AsyncIterator[tuple[bool, list[dict]]], compact: bool,
-                       until_turn: str | None = None) -> AsyncIterator[bytes]:
+async def sse_body(batches: AsyncIterator[tuple[bool, list[dict]]], render: Callable[[bool, list[dict]], Iterable[bytes]],
+                   until_turn: str | None = None) -> AsyncIterator[bytes]:
+    """`retry:` first, then each batch rendered, `: ping` for heartbeats; a
+    turn's stream ends right after the turn's closing event."""
     yield sse.retry()
     async with aclosing(batches):
         async for live, events in batches:
@@ -55,47 +57,49 @@ async def event_frames(batches: AsyncIterator[tuple[bool, list[dict]]], compact:
                 continue
             if until_turn is not None:
                 events = _through_turn_end(events, until_turn)
-            for event in (events if live or not compact else compact_events(events)):
-                yield sse.frame(str(event["seq"]), event, event["type"])
+            for chunk in render(live, events):
+                yield chunk
             if until_turn is not None and _ends_turn(events[-1], until_turn):
                 return
 
 
-async def ui_frames(store: Store, conversation_id: uuid.UUID, resume: tuple[int, int | None],
-                    batches: AsyncIterator[tuple[bool, list[dict]]], compact: bool, state: dict | None,
-                    until_turn: str | None = None) -> AsyncIterator[bytes]:
-    """The Vercel AI SDK UI message stream: frames `<seq>:<k>`, `[DONE]` after a turn ends.
+def event_renderer(compact: bool) -> Callable[[bool, list[dict]], Iterable[bytes]]:
+    """format=events: a frame per stored event (catch-up compacted when asked)."""
+    def render(live: bool, events: list[dict]) -> Iterable[bytes]:
+        for event in events if live or not compact else compact_events(events):
+            yield sse.frame(str(event["seq"]), event, event["type"])
+    return render
 
-    `state` is the translator's state right before `batches` begin (None: a
-    fresh one, right for a turn's own stream). The first batch holds the
-    resume point's event when there are frames of it left to send.
+
+class UiRenderer:
+    """format=ui: the Vercel AI SDK UI message stream, frames `<seq>:<k>`.
+
+    `state` is the translator's state right before the first batch (None: a
+    fresh one, right for a turn's own stream); the first batch holds the
+    resume point's event when frames of it are left to send.
     """
-    yield sse.retry()
-    first = True
-    state = ui.initial_ui_state() if state is None else state
-    async with aclosing(batches):
-        async for live, events in batches:
-            if not events:
-                yield sse.PING
-                continue
-            if until_turn is not None:
-                events = _through_turn_end(events, until_turn)
-            if first:
-                frames = ui.ui_frames_after(events, resume, state, compacted=compact and not live)
-                first = False
-            else:
-                frames = ui.ui_frames(events if live or not compact else compact_events(events), state)
-            # [DONE] goes right after the last frame of each turn-ending event
-            ends = [e["seq"] for e in events if ui.is_turn_end(e)]
-            for frame_id, chunk in frames:
-                while ends and ui.parse_frame_id(frame_id)[0] > ends[0]:
-                    ends.pop(0)
-                    yield sse.DONE
-                yield sse.frame(frame_id, chunk)
-            for _ in ends:
+
+    def __init__(self, resume: tuple[int, int | None], compact: bool, state: dict | None) -> None:
+        self.resume, self.compact = resume, compact
+        self.state = ui.initial_ui_state() if state is None else state
+        self.first = True
+
+    def __call__(self, live: bool, events: list[dict]) -> Iterable[bytes]:
+        compacted = self.compact and not live
+        if self.first:
+            frames = ui.ui_frames_after(events, self.resume, self.state, compacted=compacted)
+            self.first = False
+        else:
+            frames = ui.ui_frames(compact_events(events) if compacted else events, self.state)
+        # [DONE] goes right after the last frame of each turn-ending event
+        ends = [e["seq"] for e in events if ui.is_turn_end(e)]
+        for frame_id, chunk in frames:
+            while ends and ui.parse_frame_id(frame_id)[0] > ends[0]:
+                ends.pop(0)
                 yield sse.DONE
-            if until_turn is not None and _ends_turn(events[-1], until_turn):
-                return
+            yield sse.frame(frame_id, chunk)
+        for _ in ends:
+            yield sse.DONE
 
 
 def _ends_turn(event: dict, turn_id: str) -> bool:
@@ -137,12 +141,12 @@ async def stream(conversation_id: ConversationIdDep, principal: StreamPrincipalD
     current = (await store.get_conversation(principal, conversation_id))["seq"]
     if format == "events":
         batches = stored_then_live(store, conversation_id, resume[0], current, follow, settings.heartbeat_seconds)
-        return _response(event_frames(batches, compact))
+        return _response(sse_body(batches, event_renderer(compact)))
     # ui: resume inside an event's frames, so read from that event itself
     start = max(resume[0] - 1 if resume[1] is not None else resume[0], 0)
     state = await _ui_state_before(store, conversation_id, start + 1)
     batches = stored_then_live(store, conversation_id, start, current, follow, settings.heartbeat_seconds)
-    return _response(ui_frames(store, conversation_id, resume, batches, compact, state), UI_HEADERS)
+    return _response(sse_body(batches, UiRenderer(resume, compact, state)), UI_HEADERS)
 
 
 @router.get("/{conversation_id}/turns/{turn_id}/stream")
@@ -159,9 +163,8 @@ async def turn_stream(conversation_id: ConversationIdDep, turn_id: str, principa
     if format == "events":
         batches = stored_then_live(store, conversation_id, max(resume[0], start - 1), upto, follow,
                                    settings.heartbeat_seconds)
-        return _response(event_frames(batches, compact, until_turn=turn_id))
+        return _response(sse_body(batches, event_renderer(compact), until_turn=turn_id))
     # ui: the turn's frames come from a fresh translator fed from turn.started
     batches = stored_then_live(store, conversation_id, start - 1, upto, follow, settings.heartbeat_seconds)
     resume = resume if resume[0] >= start else (start - 1, None)
-    return _response(ui_frames(store, conversation_id, resume, batches, compact, None, until_turn=turn_id),
-                     UI_HEADERS)
+    return _response(sse_body(batches, UiRenderer(resume, compact, None), until_turn=turn_id), UI_HEADERS)
