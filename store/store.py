@@ -176,13 +176,7 @@ class Store:
         if at_seq >= MAX_EVENTS_PER_TRANSACTION:
             raise OutOfRange(f"a fork copies at most {MAX_EVENTS_PER_TRANSACTION - 1} events in one transaction",
                              limit=MAX_EVENTS_PER_TRANSACTION - 1)
-        current = await self.pool.fetchval("SELECT seq FROM conversations WHERE id = $1 AND principal = $2",
-                                           source_id, principal)
-        if current is None:
-            raise NotFound(f"conversation {source_id} was not found")
-        if not 1 <= at_seq <= current:
-            raise OutOfRange(f"at_seq must be between 1 and {current}, the conversation's current seq",
-                             current_seq=current)
+        await self.history.resolve(principal, source_id, at_seq, None)  # 404 / 422 as for /messages
         rows = await self.pool.fetch(
             "SELECT type, data FROM events WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq", source_id, at_seq)
         source_created = rows[0]["data"]
