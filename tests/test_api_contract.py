@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import httpx
 import pytest
 
 TURN = [
@@ -318,3 +319,25 @@ async def test_unknown_routes_and_methods_use_the_error_shape(client):
 async def test_bad_query_parameters_are_422(client, params):
     cid = await new_conversation(client)
     assert_error(await client.get(f"/v1/conversations/{cid}/events", params=params), 422, "invalid_request")
+
+
+async def test_an_unreachable_store_is_503_not_500(database_url):
+    from api.app import create_app
+    from api.settings import Settings
+    from store import Store
+
+    store = await Store.open(database_url, pool_size=2, writers=1)
+    app = create_app(Settings(database_url=None, api_keys=""), store=store)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog")
+    cid = await new_conversation(client)
+    await store.pool.close()  # as if PostgreSQL went away
+    try:
+        assert_error(await client.get(f"/v1/conversations/{cid}"), 503, "store_unavailable")
+        assert_error(await client.post(f"/v1/conversations/{cid}/events", json={"events": TURN[:1]}),
+                     503, "store_unavailable")
+        assert_error(await client.get("/readyz"), 503, "store_unavailable")
+        assert (await client.get("/healthz")).status_code == 200
+    finally:
+        await store.listener.close()
+        await store.writer.close()
+        await client.aclose()
