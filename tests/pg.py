@@ -1,8 +1,9 @@
 """Find a real PostgreSQL for the tests, and make a fresh database on it.
 
 Order: TEST_DATABASE_URL, DATABASE_URL, the local server on 127.0.0.1:5432 if
-it answers, else an embedded one (pgserver) started for this session. Never a
-mock, and never a skip: if none of these works the session fails loudly.
+it answers, else an embedded one (pgserver) started for this session
+(CHATLOG_TEST_SERVER=embedded forces that one). Never a mock, and never a
+skip: if none of these works the session fails loudly.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ class TestServer:
 
     async def start(self) -> str:
         given = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+        if os.environ.get("CHATLOG_TEST_SERVER") == "embedded":  # force the last resort (to check it works)
+            given, local = None, False
+        else:
+            local = not given and await _answers(LOCAL)
         if given:
             if not await _answers(given):
                 raise RuntimeError(f"TEST_DATABASE_URL/DATABASE_URL is set but does not answer: {given}")
             self.admin_url = given
-        elif await _answers(LOCAL):
+        elif local:
             self.admin_url = LOCAL
         else:
             import pgserver

@@ -341,3 +341,20 @@ async def test_an_unreachable_store_is_503_not_500(database_url):
         await store.listener.close()
         await store.writer.close()
         await client.aclose()
+
+
+async def test_cors_allows_only_the_configured_origins(make_client):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "authorization,last-event-id"}
+    closed = make_client(api_keys="")
+    r = await closed.options("/v1/conversations", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = await closed.get("/healthz", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+    opened = make_client(api_keys="", cors_origins="https://app.example, https://other.example")
+    r = await opened.options("/v1/conversations", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "last-event-id" in r.headers["access-control-allow-headers"].lower()
+    r = await opened.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
