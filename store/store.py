@@ -20,7 +20,7 @@ import projections
 from store import feed
 from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict, rfc3339
 from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, OutOfRange, SeqConflict
-from store.history import HistoryReader
+from store.folds import HISTORY, UI, FoldReader
 from store.listener import Listener
 from store.writer import MAX_EVENTS_PER_TRANSACTION, GroupWriter, Transaction
 
@@ -80,7 +80,8 @@ class Store:
                  dsn: str | None = None) -> None:
         self.pool = pool
         self.writer = GroupWriter(pool, writers=writers, max_group_events=max_group_events)
-        self.history = HistoryReader(pool)
+        self.history = FoldReader(pool, HISTORY)
+        self.ui_states = FoldReader(pool, UI)
         # live readers need a LISTEN connection of their own: only with a dsn
         self.listener = Listener(dsn, self.events_after) if dsn else None
 
@@ -96,6 +97,7 @@ class Store:
             await self.listener.close()
         await self.writer.close()
         await self.history.flush()
+        await self.ui_states.flush()
         await self.pool.close()
 
     # -- writes ---------------------------------------------------------------
@@ -176,7 +178,7 @@ class Store:
         if at_seq >= MAX_EVENTS_PER_TRANSACTION:
             raise OutOfRange(f"a fork copies at most {MAX_EVENTS_PER_TRANSACTION - 1} events in one transaction",
                              limit=MAX_EVENTS_PER_TRANSACTION - 1)
-        await self.history.resolve(principal, source_id, at_seq, None)  # 404 / 422 as for /messages
+        await self.resolve(principal, source_id, at_seq, None)  # 404 / 422 as for /messages
         rows = await self.pool.fetch(
             "SELECT type, data FROM events WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq", source_id, at_seq)
         source_created = rows[0]["data"]
@@ -281,10 +283,31 @@ class Store:
         current = rows[0]["current_seq"]
         return [event_dict(r) for r in rows if r["seq"] is not None], current
 
+    async def resolve(self, principal: str, conversation_id: uuid.UUID, at_seq: int | None,
+                      at_time: datetime | None) -> int:
+        """The seq a point-in-time read reflects; OutOfRange names the valid range."""
+        current = await self.pool.fetchval("SELECT seq FROM conversations WHERE id = $1 AND principal = $2",
+                                           conversation_id, principal)
+        if current is None:
+            raise NotFound(f"conversation {conversation_id} was not found")
+        if at_seq is not None:
+            if not 1 <= at_seq <= current:
+                raise OutOfRange(f"at_seq must be between 1 and {current}, the conversation's current seq",
+                                 current_seq=current)
+            return at_seq
+        if at_time is not None:
+            seq = await self.pool.fetchval(
+                "SELECT max(seq) FROM events WHERE conversation_id = $1 AND created_at <= $2",
+                conversation_id, at_time)
+            if seq is None:
+                raise OutOfRange("at_time is before the conversation was created", current_seq=current)
+            return seq
+        return current
+
     async def messages(self, principal: str, conversation_id: uuid.UUID, format: str,
                        at_seq: int | None = None, at_time: datetime | None = None) -> dict:
         """GET /messages: the projection exactly as it stood at a seq or moment."""
-        seq = await self.history.resolve(principal, conversation_id, at_seq, at_time)
+        seq = await self.resolve(principal, conversation_id, at_seq, at_time)
         state = await self.history.state_at(conversation_id, seq)
         return {"conversation_id": str(conversation_id), **projections.render(state, format)}
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import projections
 from store import NewEvent
-from store.history import SNAPSHOT_EVERY
+from store.folds import SNAPSHOT_EVERY
 from tests.strategies import check_anthropic, check_openai, valid_event_sequences
 from tests.test_api_contract import TURN, assert_error, new_conversation
 

@@ -190,3 +190,56 @@ async def test_a_bad_resume_id_is_422(chatlog_servers):
         r = await client.get(f"/v1/conversations/{cid}/stream", headers={"Last-Event-ID": "soon"},
                              params={"follow": "false"})
         assert r.status_code == 422 and orjson.loads(r.content)["error"]["code"] == "invalid_request"
+
+
+def _parse_body(text: str) -> list[tuple[str, dict]]:
+    frames = []
+    for block in text.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "id" in lines and lines.get("data") != "[DONE]":
+            frames.append((lines["id"], orjson.loads(lines["data"])))
+    return frames
+
+
+async def test_ui_resume_deep_in_a_long_conversation_uses_snapshots_and_stays_exact(client, store):
+    """The translator's state comes from a snapshot + tail (not a fold from seq 1);
+    the frames after any resume point are the same with or without snapshot rows."""
+    import uuid as uuid_module
+
+    from store.folds import SNAPSHOT_EVERY
+
+    cid = (await client.post("/v1/conversations", json={})).json()["id"]
+    events = []
+    for t in range(8):
+        events += [{"type": "message.user", "data": {"content": f"q{t}"}},
+                   {"type": "turn.started", "data": {"turn_id": f"t{t}"}}]
+        events += [{"type": "text.delta", "data": {"turn_id": f"t{t}", "text": f"w{i} "}} for i in range(70)]
+        events += [{"type": "tool_call.started", "data": {"turn_id": f"t{t}", "tool_call_id": f"c{t}", "name": "f"}},
+                   {"type": "tool_call.completed", "data": {"tool_call_id": f"c{t}", "arguments": "{}"}},
+                   {"type": "turn.finished", "data": {"turn_id": f"t{t}", "finish_reason": "tool_calls"}}]
+        if t % 2:  # a late result while its turn's message is still the latest
+            events.append({"type": "tool.result", "data": {"tool_call_id": f"c{t}", "content": t, "status": "ok"}})
+    assert (await client.post(f"/v1/conversations/{cid}/events", json={"events": events})).status_code == 201
+    stored = (await client.get(f"/v1/conversations/{cid}/events")).json()["events"]
+    assert len(stored) > 2 * SNAPSHOT_EVERY
+    points = ["0", "5:0", f"{SNAPSHOT_EVERY}:0", f"{SNAPSHOT_EVERY + 1}", f"{2 * SNAPSHOT_EVERY + 3}:1",
+              str(len(stored) - 1)]
+
+    async def frames_after(point: str) -> list[tuple[str, dict]]:
+        r = await client.get(f"/v1/conversations/{cid}/stream",
+                             params={"format": "ui", "follow": "false", "compact": "false", "after": point})
+        assert r.status_code == 200
+        return _parse_body(r.text)
+
+    store.ui_states.forget()
+    first = {p: await frames_after(p) for p in points}
+    await store.ui_states.flush()
+    saved = await store.pool.fetchval("SELECT count(*) FROM ui_snapshots WHERE conversation_id = $1",
+                                      uuid_module.UUID(cid))
+    assert saved >= 2, "reading deep into the conversation saved no UI snapshot"
+    for point in points:
+        assert first[point] == ui.ui_frames_after(stored, point), point
+    await store.pool.execute("DELETE FROM ui_snapshots WHERE conversation_id = $1", uuid_module.UUID(cid))
+    store.ui_states.forget()
+    for point in reversed(points):
+        assert await frames_after(point) == first[point], point

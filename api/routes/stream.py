@@ -114,20 +114,6 @@ def _through_turn_end(events: list[dict], turn_id: str) -> list[dict]:
     return events
 
 
-async def _ui_state_before(store: Store, conversation_id: uuid.UUID, seq: int) -> dict:
-    """The translator's state after events 1..seq-1 (a late tool result needs
-    its call from an older turn, so the whole history is folded)."""
-    state, cursor = ui.initial_ui_state(), 0
-    while cursor < seq - 1:
-        events = await store.events_after(conversation_id, cursor, min(1000, seq - 1 - cursor))
-        if not events:
-            break
-        for event in events:
-            ui.ui_chunks(state, event)
-        cursor = events[-1]["seq"]
-    return state
-
-
 def _response(body: AsyncIterator[bytes], extra: dict | None = None) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers={**_HEADERS, **(extra or {})})
 
@@ -144,7 +130,9 @@ async def stream(conversation_id: ConversationIdDep, principal: StreamPrincipalD
         return _response(sse_body(batches, event_renderer(compact)))
     # ui: resume inside an event's frames, so read from that event itself
     start = max(resume[0] - 1 if resume[1] is not None else resume[0], 0)
-    state = await _ui_state_before(store, conversation_id, start + 1)
+    # the translator's state after events 1..start: a late tool result needs its
+    # call from an older turn, so it is the whole history's (snapshot + tail)
+    state = await store.ui_states.copy_at(conversation_id, start)
     batches = stored_then_live(store, conversation_id, start, current, follow, settings.heartbeat_seconds)
     return _response(sse_body(batches, UiRenderer(resume, compact, state)), UI_HEADERS)
 

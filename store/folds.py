@@ -1,10 +1,11 @@
-"""Message history reads: snapshot + tail, point-in-time, in-process cache.
+"""Fold reads: snapshot + tail, point-in-time, in-process cache.
 
-The fold is pure (projections/history.py); this module only decides where to
-start it. Snapshots are written every SNAPSHOT_EVERY seqs as a read passes
-them, so any point in a long conversation folds fewer than that many events.
-The newest state of recently read conversations is also cached in process:
-asking for "now" again folds only what was appended since.
+A fold is pure (projections/history.py for messages, projections/ui.py for
+the UI stream's translator); this module only decides where to start it.
+Snapshots are written every SNAPSHOT_EVERY seqs as a read passes them, so any
+point in a long conversation folds fewer than that many events. The newest
+state of recently read conversations is also cached in process: asking for
+"now" again folds only what was appended since.
 """
 
 from __future__ import annotations
@@ -13,46 +14,42 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from datetime import datetime
+from dataclasses import dataclass
+from typing import Callable
 
 import asyncpg
+import orjson
 
 import projections
-from projections.history import VERSION
-from store.errors import NotFound, OutOfRange
+from projections import history, ui
 
 SNAPSHOT_EVERY = 256
 
-log = logging.getLogger("chatlog.history")
+log = logging.getLogger("chatlog.folds")
 
 
-class HistoryReader:
-    def __init__(self, pool: asyncpg.Pool, cache_size: int = 256) -> None:
+@dataclass(frozen=True)
+class Fold:
+    table: str  # where its snapshots live (a constant, never user input)
+    version: int
+    initial: Callable[[], dict]
+    step: Callable[[dict, dict], object]  # updates the state in place
+    dumps: Callable[[dict], bytes]
+    loads: Callable[[bytes], dict]  # raises ValueError for a snapshot of another version
+
+
+HISTORY = Fold("history_snapshots", history.VERSION, projections.initial_state, projections.fold,
+               projections.state_to_json, projections.state_from_json)
+UI = Fold("ui_snapshots", ui.VERSION, ui.initial_ui_state, ui.ui_chunks, orjson.dumps, ui.ui_state_from_json)
+
+
+class FoldReader:
+    def __init__(self, pool: asyncpg.Pool, fold: Fold, cache_size: int = 256) -> None:
         self._pool = pool
+        self._fold_def = fold
         self._latest: OrderedDict[uuid.UUID, dict] = OrderedDict()
         self._cache_size = cache_size
         self._writes: set[asyncio.Task] = set()
-
-    async def resolve(self, principal: str, conversation_id: uuid.UUID, at_seq: int | None,
-                      at_time: datetime | None) -> int:
-        """The seq a read must reflect; OutOfRange names the valid range."""
-        current = await self._pool.fetchval("SELECT seq FROM conversations WHERE id = $1 AND principal = $2",
-                                            conversation_id, principal)
-        if current is None:
-            raise NotFound(f"conversation {conversation_id} was not found")
-        if at_seq is not None:
-            if not 1 <= at_seq <= current:
-                raise OutOfRange(f"at_seq must be between 1 and {current}, the conversation's current seq",
-                                 current_seq=current)
-            return at_seq
-        if at_time is not None:
-            seq = await self._pool.fetchval(
-                "SELECT max(seq) FROM events WHERE conversation_id = $1 AND created_at <= $2",
-                conversation_id, at_time)
-            if seq is None:
-                raise OutOfRange("at_time is before the conversation was created", current_seq=current)
-            return seq
-        return current
 
     async def state_at(self, conversation_id: uuid.UUID, seq: int) -> dict:
         """The fold state exactly at `seq` (which must exist).
@@ -81,6 +78,13 @@ class HistoryReader:
                 self._latest.popitem(last=False)
         return state
 
+    async def copy_at(self, conversation_id: uuid.UUID, seq: int) -> dict:
+        """A private copy of the state at `seq` (0: the initial state), for a
+        caller that goes on folding it (the cached one is shared)."""
+        if seq == 0:
+            return self._fold_def.initial()
+        return self._fold_def.loads(self._fold_def.dumps(await self.state_at(conversation_id, seq)))
+
     def forget(self) -> None:
         self._latest.clear()
 
@@ -91,11 +95,11 @@ class HistoryReader:
 
     def _fold(self, conversation_id: uuid.UUID, state: dict, events: list[dict]) -> dict:
         """Fold without awaiting; snapshots passed on the way are saved in the background."""
-        snapshots = []
+        fold, snapshots = self._fold_def, []
         for event in events:
-            projections.fold(state, event)
+            fold.step(state, event)
             if event["seq"] % SNAPSHOT_EVERY == 0:
-                snapshots.append((conversation_id, event["seq"], VERSION, projections.state_to_json(state)))
+                snapshots.append((conversation_id, event["seq"], fold.version, fold.dumps(state)))
         if snapshots:
             task = asyncio.create_task(self._save(snapshots))
             self._writes.add(task)
@@ -105,23 +109,24 @@ class HistoryReader:
     async def _save(self, snapshots: list[tuple]) -> None:
         try:
             await self._pool.executemany(
-                """INSERT INTO history_snapshots (conversation_id, seq, version, state)
-                   VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""", snapshots)
+                f"""INSERT INTO {self._fold_def.table} (conversation_id, seq, version, state)
+                    VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""", snapshots)
         except Exception as exc:  # derived data: a lost snapshot only costs a longer fold later
             log.warning("could not save %d history snapshots: %r", len(snapshots), exc)
 
     async def _snapshot_before(self, conversation_id: uuid.UUID, seq: int) -> dict:
+        fold = self._fold_def
         row = await self._pool.fetchrow(
-            """SELECT seq, state FROM history_snapshots
-                WHERE conversation_id = $1 AND seq <= $2 AND version = $3
-                ORDER BY seq DESC LIMIT 1""",
-            conversation_id, seq, VERSION)
+            f"""SELECT seq, state FROM {fold.table}
+                 WHERE conversation_id = $1 AND seq <= $2 AND version = $3
+                 ORDER BY seq DESC LIMIT 1""",
+            conversation_id, seq, fold.version)
         if row is not None:
             try:
-                return projections.state_from_json(row["state"])
+                return fold.loads(row["state"])
             except ValueError:
                 pass
-        return projections.initial_state()
+        return fold.initial()
 
     async def _events(self, conversation_id: uuid.UUID, after: int, upto: int) -> list[dict]:
         # the fold reads only seq, type and data
