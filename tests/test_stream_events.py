@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from typing import Callable
 
 import httpx
 import pytest
@@ -169,26 +170,31 @@ def dropper(rng: random.Random, most: int = 4):
 # -- resume exactness ---------------------------------------------------------------
 
 
+async def read_a_long_turn_while_dropping(client: httpx.AsyncClient, params: dict,
+                                          done: Callable[[Frame, int], bool]) -> tuple[ResumingReader, dict, int]:
+    """Write a long turn while a reader follows `/stream` with `params`, hanging
+    up at random frames; returns (the reader, the stored events, the last seq)."""
+    rng = seeded_rng()
+    cid = await new_conversation(client)
+    turn = long_turn(rng, "t1")
+    # some of the turn is already stored when the reader arrives: its first catch-up has whole runs
+    head = (await append(client, cid, [{"type": "message.user", "data": {"content": "go"}}, *turn[:40]]))[
+        "last_seq"]
+    rest = turn[40:]
+    last = head + len(rest)
+    writer = Writer(client, cid, rest, rng)
+    writer.received = head
+    reader = ResumingReader([client], f"/v1/conversations/{cid}/stream", params=params)
+    await asyncio.wait_for(asyncio.gather(
+        writer.run(), reader.run(done=lambda f: done(f, last), drop=dropper(rng), on_frame=writer.saw)), 60)
+    return reader, await stored_events(client, cid), last
+
+
 @pytest.mark.parametrize("compact", [False, True], ids=["compact=false", "compact=true"])
 async def test_resume_after_random_drops_delivers_every_event_once_in_order(chatlog_servers, compact):
-    a = chatlog_servers[0]
-    rng = seeded_rng()
-    async with a.client() as client:
-        cid = await new_conversation(client)
-        turn = long_turn(rng, "t1")
-        # some of the turn is already stored when the reader arrives: its first catch-up has whole runs
-        head = (await append(client, cid, [{"type": "message.user", "data": {"content": "go"}}, *turn[:40]]))[
-            "last_seq"]
-        rest = turn[40:]
-        last = head + len(rest)
-        writer = Writer(client, cid, rest, rng)
-        writer.received = head
-        reader = ResumingReader([client], f"/v1/conversations/{cid}/stream",
-                                params={"compact": str(compact).lower()})
-        await asyncio.wait_for(asyncio.gather(
-            writer.run(),
-            reader.run(done=lambda f: frame_seq(f) >= last, drop=dropper(rng), on_frame=writer.saw)), 60)
-        stored = await stored_events(client, cid)
+    async with chatlog_servers[0].client() as client:
+        reader, stored, last = await read_a_long_turn_while_dropping(
+            client, {"compact": str(compact).lower()}, lambda frame, last: frame_seq(frame) >= last)
 
     assert len(stored) == last >= 400
     assert reader.drops >= 50, f"only {reader.drops} drops"

@@ -14,8 +14,8 @@ import pytest
 
 from projections import ui
 from tests.servers import Frame, ResumingReader, open_sse
-from tests.test_stream_events import (Writer, append, dropper, long_turn, new_conversation, seeded_rng,
-                                      stored_events)
+from tests.test_stream_events import (Writer, append, long_turn, new_conversation, read_a_long_turn_while_dropping,
+                                      seeded_rng, stored_events)
 from tests.test_ui_stream import assert_agrees_with_history, sse_body
 from tests.uisdk import check_sse
 
@@ -47,28 +47,10 @@ def sdk_messages(body: str) -> list[dict]:
 
 @pytest.mark.parametrize("compact", [False, True], ids=["compact=false", "compact=true"])
 async def test_ui_resume_after_random_drops_repeats_and_misses_no_frame(chatlog_servers, compact):
-    a = chatlog_servers[0]
-    rng = seeded_rng()
-    async with a.client() as client:
-        cid = await new_conversation(client)
-        turn = long_turn(rng, "t1")
-        head = (await append(client, cid, [{"type": "message.user", "data": {"content": "go"}}, *turn[:40]]))[
-            "last_seq"]
-        rest = turn[40:]
-        last = head + len(rest)
-        writer = Writer(client, cid, rest, rng)
-        writer.received = head
-        reader = ResumingReader([client], f"/v1/conversations/{cid}/stream",
-                                params={"format": "ui", "compact": str(compact).lower()})
-
-        def saw(frame: Frame) -> None:
-            if frame.data != "[DONE]":
-                writer.received = max(writer.received, frame_key(frame)[0])
-
-        await asyncio.wait_for(asyncio.gather(
-            writer.run(),
-            reader.run(done=lambda f: f.data == "[DONE]", drop=dropper(rng), on_frame=saw)), 60)
-        stored = list((await stored_events(client, cid)).values())
+    async with chatlog_servers[0].client() as client:
+        reader, stored, last = await read_a_long_turn_while_dropping(
+            client, {"format": "ui", "compact": str(compact).lower()}, lambda frame, _: frame.data == "[DONE]")
+    stored = list(stored.values())
 
     assert len(stored) == last and reader.drops >= 50, (len(stored), reader.drops)
     frames = [f for f in reader.frames if f.data != "[DONE]"]

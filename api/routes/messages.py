@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Query
-from pydantic import Field, JsonValue
+from pydantic import JsonValue
 
 from api.deps import BodyDep, ConversationIdDep, PrincipalDep, StoreDep
 from api.errors import ApiError

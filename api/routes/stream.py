@@ -12,7 +12,7 @@ import uuid
 from contextlib import aclosing
 from typing import AsyncIterator, Callable, Iterable, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header
 from starlette.responses import StreamingResponse
 
 from api import sse
