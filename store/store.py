@@ -136,6 +136,8 @@ class Store:
     async def append(self, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
                      expected_seq: int | None = None) -> Appended:
         """Append a batch atomically, or refuse it whole."""
+        if not events:
+            raise ValueError("an append needs at least one event")
 
         async def op(tx: Transaction) -> Appended:
             conn = tx.conn
