@@ -34,6 +34,9 @@ class NewEvent:
     type: str
     data: dict
     id: str | None = None
+    # `data` as JSON when the caller already encoded it (the API does, to check
+    # size and NUL): the insert then does not encode it again
+    encoded: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ class Store:
         title = next((e.data["title"] for e in reversed(events) if e.type == "conversation.titled"), None)
         rows = await tx.conn.fetch(
             _INSERT_EVENTS, conversation_id, seqs, tx.take_indexes(len(events)), ids,
-            [e.type for e in events], [_dumps(e.data) for e in events], previous_time, principal,
+            [e.type for e in events], [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], previous_time, principal,
             seqs[-1], state, open_turn_id, title, at,
         )
         tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}")

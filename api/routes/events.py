@@ -67,7 +67,9 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
             if event.id in seen:
                 raise _invalid(index, f"id {event.id!r} appears twice in this batch", "event_id_unique")
             seen.add(event.id)
-        new_events.append(NewEvent(event.type, data, event.id))
+        # check_data (strict, no coercion) returns the same JSON as was sent, so
+        # the bytes measured above are what the store writes
+        new_events.append(NewEvent(event.type, data, event.id, encoded))
     return new_events
 
 
