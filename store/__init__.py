@@ -1,8 +1,8 @@
 """The asyncpg store: the only code that talks to PostgreSQL."""
 
-from store.errors import (ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, SeqConflict,
-                          StoreError, Unavailable)
+from store.errors import (ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, OutcomeUnknown,
+                          SeqConflict, StoreError, Unavailable)
 from store.store import Appended, NewEvent, Store, create_pool
 
-__all__ = ["Appended", "ConversationExists", "IdempotencyConflict", "InvalidEvent", "NewEvent", "NotFound",
+__all__ = ["Appended", "ConversationExists", "IdempotencyConflict", "InvalidEvent", "NewEvent", "NotFound", "OutcomeUnknown",
            "SeqConflict", "Store", "StoreError", "Unavailable", "create_pool"]

@@ -33,6 +33,16 @@ class InvalidEvent(StoreError):
 
 
 class Unavailable(StoreError):
+    """PostgreSQL cannot be reached (or not in time); nothing of the request was written."""
+
+    code = "store_unavailable"
+
+
+class OutcomeUnknown(Unavailable):
+    """The store went away while a COMMIT was in flight and stayed away past the
+    bound: the write may or may not have committed. A retry with the same event
+    ids settles it (it is answered 200 with the stored events if it had)."""
+
     code = "store_unavailable"
 
 
