@@ -62,7 +62,8 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, code, message)
+        # a 405 names the methods the path does allow (`Allow`, RFC 9110)
+        return error_response(exc.status_code, code, message, headers=exc.headers)
 
     async def _unavailable(_: Request, exc: Exception):
         log.warning("store unavailable: %r", exc)

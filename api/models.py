@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from api.errors import ApiError
 
+# What the store's columns can hold: a seq is a 32-bit integer, a position a
+# 64-bit one. Parameters beyond these are refused (422), never sent to SQL.
+MAX_SEQ = 2**31 - 1
+MAX_POSITION = 2**63 - 1
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` or `6.0` is not an integer, `1` is not a boolean
+    model_config = ConfigDict(extra="forbid", strict=True)
+    # fields whose strings may hold anything, checked elsewhere (event data)
+    nul_checked_elsewhere: ClassVar[frozenset[str]] = frozenset()
 
 
 class CreateConversation(_Body):
@@ -26,18 +34,50 @@ class EventIn(_Body):
 
 
 class AppendEvents(_Body):
-    expected_seq: int | None = Field(None, ge=1)
+    expected_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
     events: list[Any]
+    # each event's problems (NUL included) are invalid_event with its index
+    nul_checked_elsewhere: ClassVar[frozenset[str]] = frozenset({"events"})
 
 
-def parse(model: type[BaseModel], body: Any) -> Any:
+def nul_path(value: Any, path: tuple = ()) -> tuple | None:
+    """The path of the first string (or object key) holding NUL, else None.
+    PostgreSQL text and jsonb cannot store U+0000."""
+    stack = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in key:
+                    return (*path, key)
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+    return None
+
+
+def field_name(path: tuple) -> str:
+    return ".".join(str(p).replace("\x00", "\\u0000") for p in path)
+
+
+def parse(model: type[_Body], body: Any) -> Any:
     """Validate a JSON body; a wrong shape is 400 (not JSON object) or 422."""
     if not isinstance(body, dict):
         raise ApiError(400, "malformed_request", "the request body must be a JSON object")
     try:
-        return model.model_validate(body)
+        parsed = model.model_validate(body)
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
+        errors = [{"field": field_name(e["loc"]), "problem": e["msg"]}
                   for e in exc.errors(include_url=False, include_input=False)]
         first = errors[0]
         raise ApiError(422, "invalid_request", f"{first['field']}: {first['problem']}", errors=errors) from None
+    where = nul_path({k: v for k, v in body.items() if k not in model.nul_checked_elsewhere})
+    if where is not None:
+        field = field_name(where)
+        raise ApiError(422, "invalid_request",
+                       f"{field}: contains a NUL character (\\u0000), which cannot be stored",
+                       errors=[{"field": field, "problem": "contains a NUL character"}])
+    return parsed

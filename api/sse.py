@@ -11,12 +11,15 @@ import re
 import orjson
 
 from api.errors import ApiError
+from api.models import MAX_SEQ
 
 RETRY_MS = 3000
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
 
-_RESUME = re.compile(r"^(\d+)(?::(\d+))?$")
+# ASCII digits only (`\d` would take any script's digits), and no more of
+# them than a seq can have (int() itself refuses past 4,300 digits)
+_RESUME = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
 
 
 def retry(ms: int = RETRY_MS) -> bytes:
@@ -35,8 +38,15 @@ def resume_point(last_event_id: str | None, after: str | None) -> tuple[int, int
     raw = last_event_id if last_event_id not in (None, "") else after
     if raw in (None, ""):
         return 0, None
-    match = _RESUME.match(raw.strip())
+    source = "Last-Event-ID" if last_event_id else "after"
+    match = _RESUME.fullmatch(raw.strip())
     if match is None:
-        source = "Last-Event-ID" if last_event_id else "after"
-        raise ApiError(422, "invalid_request", f"{source} must be a seq like 12 or a frame id like 12:3, not {raw!r}")
-    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+        shown = raw if len(raw) <= 40 else raw[:40] + "…"
+        raise ApiError(422, "invalid_request", f"{source} must be a seq like 12 or a frame id like 12:3, not {shown!r}",
+                       field=source)
+    seq, k = int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+    if seq == 0:  # no event has seq 0: any "frame" of it is before everything
+        k = None
+    if seq > MAX_SEQ or (k is not None and k > MAX_SEQ):
+        raise ApiError(422, "invalid_request", f"{source} is out of range: a seq is at most {MAX_SEQ}", field=source)
+    return seq, k

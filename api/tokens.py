@@ -36,13 +36,16 @@ def mint(key: bytes, principal: str, conversation_id: uuid.UUID, ttl_seconds: in
 def principal_for(key: bytes, token: str, conversation_id: uuid.UUID) -> str | None:
     """The principal a valid, unexpired token for this conversation names, else None."""
     payload, _, signature = token.partition(".")
-    expected = _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
-    if not signature or not hmac.compare_digest(signature, expected):
+    # compared as bytes: compare_digest refuses non-ASCII str (a TypeError,
+    # not a "no"); whatever a client sends is just a wrong signature
+    raw_payload = payload.encode("utf-8", "surrogatepass")
+    expected = _b64(hmac.new(key, raw_payload, hashlib.sha256).digest()).encode()
+    if not signature or not hmac.compare_digest(signature.encode("utf-8", "surrogatepass"), expected):
         return None
     try:
         claims = orjson.loads(_unb64(payload))
     except (ValueError, orjson.JSONDecodeError):
         return None
-    if claims.get("c") != str(conversation_id) or claims.get("e", 0) < time.time():
+    if not isinstance(claims, dict) or claims.get("c") != str(conversation_id) or claims.get("e", 0) < time.time():
         return None
     return claims.get("p")

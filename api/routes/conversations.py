@@ -7,7 +7,7 @@ from datetime import datetime
 
 from fastapi import APIRouter, Query
 
-from api.deps import BodyDep, ConversationIdDep, PrincipalDep, StoreDep
+from api.deps import BodyDep, ConversationIdDep, PrincipalDep, StoreDep, utc
 from api.errors import ApiError
 from api.models import CreateConversation, parse
 from api.responses import JSONResponse
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 
 @router.post("", status_code=201)
-async def create_conversation(body: BodyDep, principal: PrincipalDep, store: StoreDep):
+async def create_conversation(principal: PrincipalDep, body: BodyDep, store: StoreDep):
     request = parse(CreateConversation, body)
     try:
         conversation_id = uuid.UUID(request.id) if request.id is not None else None
@@ -42,13 +42,12 @@ async def list_conversations(principal: PrincipalDep, store: StoreDep,
                 cursor = datetime.fromisoformat(before.replace("Z", "+00:00"))
             except ValueError:
                 raise ApiError(422, "invalid_request", "before must be a conversation id or an RFC 3339 time") from None
-            if cursor.tzinfo is None:
-                raise ApiError(422, "invalid_request", "before must carry a time zone, e.g. 2026-11-21T10:00:00Z")
+            cursor = utc(cursor, "before")
     conversations = await store.list_conversations(principal, limit, cursor)
     next_before = conversations[-1]["id"] if len(conversations) == limit else None
     return JSONResponse({"conversations": conversations, "next_before": next_before})
 
 
 @router.get("/{conversation_id}")
-async def get_conversation(conversation_id: ConversationIdDep, principal: PrincipalDep, store: StoreDep):
+async def get_conversation(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep):
     return JSONResponse(await store.get_conversation(principal, conversation_id))

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 import domain
 from api.deps import BodyDep, ConversationIdDep, PrincipalDep, SettingsDep, StoreDep
 from api.errors import ApiError
-from api.models import AppendEvents, EventIn, parse
+from api.models import MAX_SEQ, AppendEvents, EventIn, nul_path, parse
 from api.responses import JSONResponse
 from api.settings import Settings
 from projections.compact import compact as compact_events
@@ -20,16 +20,6 @@ router = APIRouter(prefix="/v1/conversations", tags=["events"])
 
 def _invalid(index: int, message: str, rule: str, **details) -> ApiError:
     return ApiError(422, "invalid_event", f"event {index}: {message}", index=index, rule=rule, **details)
-
-
-def _has_nul(value) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
 
 
 def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
@@ -49,8 +39,10 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
             first = exc.errors(include_url=False, include_input=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "event"
             raise _invalid(index, f"{field}: {first['msg']}", "event_shape") from None
+        if event.id is not None and "\x00" in event.id:
+            raise _invalid(index, "id contains a NUL character (\\u0000), which cannot be stored", "no_nul")
         encoded = orjson.dumps(event.data)
-        if b"\\u0000" in encoded and _has_nul(event.data):
+        if b"\\u0000" in encoded and nul_path(event.data) is not None:
             # PostgreSQL text cannot hold NUL; refuse it here rather than fail the store
             raise _invalid(index, "data contains a NUL character (\\u0000), which cannot be stored", "no_nul")
         size = len(encoded)
@@ -74,7 +66,7 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
 
 
 @router.post("/{conversation_id}/events", status_code=201)
-async def append_events(conversation_id: ConversationIdDep, body: BodyDep, principal: PrincipalDep,
+async def append_events(principal: PrincipalDep, conversation_id: ConversationIdDep, body: BodyDep,
                         store: StoreDep, settings: SettingsDep):
     request = parse(AppendEvents, body)
     events = to_new_events(request.events, settings)
@@ -84,8 +76,8 @@ async def append_events(conversation_id: ConversationIdDep, body: BodyDep, princ
 
 
 @router.get("/{conversation_id}/events")
-async def read_events(conversation_id: ConversationIdDep, principal: PrincipalDep, store: StoreDep,
-                      after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=1000),
+async def read_events(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
+                      after: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(1000, ge=1, le=1000),
                       compact: bool = False):
     events, current_seq = await store.read_events(principal, conversation_id, after, limit)
     last_seq = events[-1]["seq"] if events else after

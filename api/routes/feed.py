@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Query
 
 from api.deps import PrincipalDep, StoreDep
+from api.models import MAX_POSITION
 from api.responses import JSONResponse
 
 router = APIRouter(tags=["feed"])
@@ -10,7 +11,7 @@ router = APIRouter(tags=["feed"])
 
 @router.get("/v1/events")
 async def read_feed(principal: PrincipalDep, store: StoreDep,
-                    after_position: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=1000)):
+                    after_position: int = Query(0, ge=0, le=MAX_POSITION), limit: int = Query(1000, ge=1, le=1000)):
     events = await store.read_feed(principal, after_position, limit)
     return JSONResponse({
         "events": events,

@@ -9,7 +9,7 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from pydantic import JsonValue
 
-from api.deps import BodyDep, ConversationIdDep, PrincipalDep, StoreDep
+from api.deps import BodyDep, ConversationIdDep, PrincipalDep, StoreDep, utc
 from api.errors import ApiError
 from api.models import _Body, parse
 from api.responses import JSONResponse
@@ -24,19 +24,19 @@ class ForkRequest(_Body):
 
 
 @router.get("/{conversation_id}/messages")
-async def messages(conversation_id: ConversationIdDep, principal: PrincipalDep, store: StoreDep,
+async def messages(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
                    format: Literal["openai", "anthropic"] = "openai",
                    at_seq: int | None = Query(None, description="the history as it stood right after this seq"),
                    at_time: datetime | None = Query(None, description="the history as it stood at this RFC 3339 time")):
     if at_seq is not None and at_time is not None:
         raise ApiError(422, "invalid_request", "give at_seq or at_time, not both")
-    if at_time is not None and at_time.tzinfo is None:
-        raise ApiError(422, "invalid_request", "at_time must carry a time zone, e.g. 2026-11-21T10:00:00Z")
+    if at_time is not None:
+        at_time = utc(at_time, "at_time")
     return JSONResponse(await store.messages(principal, conversation_id, format, at_seq, at_time))
 
 
 @router.post("/{conversation_id}/fork", status_code=201)
-async def fork(conversation_id: ConversationIdDep, body: BodyDep, principal: PrincipalDep, store: StoreDep):
+async def fork(principal: PrincipalDep, conversation_id: ConversationIdDep, body: BodyDep, store: StoreDep):
     request = parse(ForkRequest, body)
     try:
         new_id = uuid.UUID(request.id) if request.id is not None else None

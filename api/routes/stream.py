@@ -8,6 +8,7 @@ the hand-over has no gap and no duplicate.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from contextlib import aclosing
 from typing import AsyncIterator, Callable, Iterable, Literal
@@ -16,10 +17,13 @@ from fastapi import APIRouter, Header
 from starlette.responses import StreamingResponse
 
 from api import sse
-from api.deps import ConversationIdDep, SettingsDep, StoreDep, StreamPrincipalDep
+from api.deps import ConversationIdDep, SettingsDep, StoreDep, StreamPrincipalDep, storable
+from api.errors import ApiError
 from projections import ui
 from projections.compact import compact as compact_events
-from store import Store
+from store import Store, Unavailable
+
+log = logging.getLogger("chatlog.stream")
 
 router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
@@ -51,16 +55,21 @@ async def sse_body(batches: AsyncIterator[tuple[bool, list[dict]]], render: Call
     turn's stream ends right after the turn's closing event."""
     yield sse.retry()
     async with aclosing(batches):
-        async for live, events in batches:
-            if not events:
-                yield sse.PING
-                continue
-            if until_turn is not None:
-                events = _through_turn_end(events, until_turn)
-            for chunk in render(live, events):
-                yield chunk
-            if until_turn is not None and _ends_turn(events[-1], until_turn):
-                return
+        try:
+            async for live, events in batches:
+                if not events:
+                    yield sse.PING
+                    continue
+                if until_turn is not None:
+                    events = _through_turn_end(events, until_turn)
+                for chunk in render(live, events):
+                    yield chunk
+                if until_turn is not None and _ends_turn(events[-1], until_turn):
+                    return
+        except Unavailable as exc:
+            # the stream cannot be served now: end it, so the client resumes
+            # with Last-Event-ID (here later, or on another process)
+            log.warning("ending a stream: %s", exc.message)
 
 
 def event_renderer(compact: bool) -> Callable[[bool, list[dict]], Iterable[bytes]]:
@@ -119,7 +128,7 @@ def _response(body: AsyncIterator[bytes], extra: dict | None = None) -> Streamin
 
 
 @router.get("/{conversation_id}/stream")
-async def stream(conversation_id: ConversationIdDep, principal: StreamPrincipalDep, store: StoreDep,
+async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
                  settings: SettingsDep, after: str | None = None,
                  format: Literal["events", "ui"] = "events", compact: bool = True, follow: bool = True,
                  last_event_id: str | None = Header(None)):
@@ -138,11 +147,13 @@ async def stream(conversation_id: ConversationIdDep, principal: StreamPrincipalD
 
 
 @router.get("/{conversation_id}/turns/{turn_id}/stream")
-async def turn_stream(conversation_id: ConversationIdDep, turn_id: str, principal: StreamPrincipalDep,
+async def turn_stream(principal: StreamPrincipalDep, conversation_id: ConversationIdDep, turn_id: str,
                       store: StoreDep, settings: SettingsDep, after: str | None = None,
                       format: Literal["events", "ui"] = "events", compact: bool = True,
                       last_event_id: str | None = Header(None)):
     resume = sse.resume_point(last_event_id, after)
+    if not storable(turn_id):  # PostgreSQL text cannot hold it, so no turn has that id
+        raise ApiError(404, "not_found", f"turn {turn_id!r} was not found in conversation {conversation_id}")
     start, end = await store.turn_span(principal, conversation_id, turn_id)
     # an ended turn is replayed up to its end and the response ends; an open
     # one is followed until it closes

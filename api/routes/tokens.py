@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
 
 @router.post("/{conversation_id}/stream-token", status_code=201)
-async def stream_token(conversation_id: ConversationIdDep, principal: PrincipalDep, store: StoreDep,
+async def stream_token(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
                        settings: SettingsDep, key: bytes = Depends(token_key)):
     await store.get_conversation(principal, conversation_id)  # 404 unless it is yours
     token, expires = tokens.mint(key, principal, conversation_id, settings.stream_token_ttl_seconds)
