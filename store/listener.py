@@ -3,6 +3,16 @@
 Every append's transaction sends `NOTIFY chatlog_events '<conversation>:<first>:<last>'`,
 delivered only at COMMIT, so a wake-up never announces an uncommitted event.
 
+NOTIFY is the fast path, not the only one: a notification is lost whenever
+the LISTEN connection is (a PostgreSQL restart, a network cut). So once a
+second the listener also reads the current seq of every followed conversation
+in one query (the sweep) and has each tail that is behind fetch; after the
+LISTEN connection comes back every tail fetches at once. A reader is thus
+never left behind a commit for more than about a second while the store
+answers. When it does not (a fetch or the sweep failing for STALL_SECONDS),
+the reader's stream ends, so its client resumes with Last-Event-ID on this or
+another process instead of waiting on a connection that says nothing.
+
 Each followed conversation has one `Tail`, shared by all readers of it in this
 process: on a wake-up the tail reads the new events from the store ONCE and
 keeps the most recent ones in a bounded buffer; readers take what they need
@@ -15,11 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from typing import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+
+from store.errors import Unavailable
 
 log = logging.getLogger("chatlog.listener")
 
@@ -27,6 +40,12 @@ CHANNEL = "chatlog_events"
 
 # (conversation_id, after_seq, limit) -> committed events with seq > after_seq, in order
 ReadEvents = Callable[[uuid.UUID, int, int], Awaitable[list[dict]]]
+# conversation ids -> their current seq
+ReadHeads = Callable[[list[uuid.UUID]], Awaitable[dict[uuid.UUID, int]]]
+
+SWEEP_SECONDS = 1.0
+# a reader whose events cannot be fetched for this long is ended (it resumes elsewhere)
+STALL_SECONDS = 3.0
 
 
 class Tail:
@@ -38,42 +57,60 @@ class Tail:
         self._read = read
         self._buffer: deque[dict] = deque(maxlen=buffer_size)
         self._fetched: int | None = None  # highest seq read (None: no baseline yet)
-        self._more = False  # a commit was announced since the last read began
+        self._wanted = 0  # highest seq known to be committed (announced, or seen by the sweep)
+        self._probe = False  # read once even if nothing is known to be missing (notifications were lost)
         self._fetching: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        self.failing_since: float | None = None  # monotonic time of the first failed fetch in a row
 
     def announce(self, first: int, last: int) -> None:
         """A commit wrote seqs first..last: fetch them once for every reader."""
         if self._fetched is None:
             self._fetched = first - 1
-        if last > self._fetched:
+        self._want(last)
+
+    def join(self, cursor: int) -> None:
+        """A reader at `cursor` arrived: the tail looks after what follows it."""
+        self.readers += 1
+        if self._fetched is None:
+            self._fetched = cursor
+
+    def behind(self, head: int) -> None:
+        """The conversation is at seq `head` (the sweep read it): fetch what this tail lacks."""
+        if self._fetched is not None:
+            self._want(head)
+
+    def refresh(self) -> None:
+        """Look for events that lost notifications did not announce."""
+        if self._fetched is not None:
+            self._probe = True
             self._start_fetch()
 
-    def refresh(self, since: int | None = None) -> None:
-        """Look for events a lost notification did not announce."""
-        if self._fetched is None:
-            if since is None:
-                return  # no reader has a position yet: nothing to look after
-            self._fetched = since
-        self._start_fetch()
+    def _want(self, seq: int) -> None:
+        self._wanted = max(self._wanted, seq)
+        if self._wanted > self._fetched:
+            self._start_fetch()
 
     def _start_fetch(self) -> None:
-        self._more = True
         if self._fetching is None or self._fetching.done():
             self._fetching = asyncio.create_task(self._fetch())
 
     async def _fetch(self) -> None:
         try:
-            while self._more:
-                self._more = False
+            # announcements that arrive during a read raise _wanted: the loop goes on
+            while self._probe or self._wanted > self._fetched:
+                self._probe = False
                 events = await self._read(self.conversation_id, self._fetched, 1000)
-                if events:
-                    self._buffer.extend(events)
-                    self._fetched = events[-1]["seq"]
-                    self._more = self._more or len(events) == 1000
-                    self._wake()
-        except Exception:  # readers still get everything: they fall back to the store
-            log.exception("tail fetch failed for %s", self.conversation_id)
+                if not events:
+                    break
+                self._buffer.extend(events)
+                self._fetched = events[-1]["seq"]
+                self._wake()
+            self.failing_since = None
+        except Exception as exc:  # the sweep retries within a second; readers end if it goes on
+            log.warning("tail fetch failed for %s: %r", self.conversation_id, exc)
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
             self._wake()
 
     def _wake(self) -> None:
@@ -118,37 +155,79 @@ class Listener:
 
     KEEPALIVE_SECONDS = 10.0
 
-    def __init__(self, dsn: str, read: ReadEvents, buffer_size: int = 1024) -> None:
+    def __init__(self, dsn: str, read: ReadEvents, heads: ReadHeads, buffer_size: int = 1024,
+                 connect_timeout: float = 2.0) -> None:
         self._dsn = dsn
         self._read = read
+        self._heads = heads
         self._buffer_size = buffer_size
+        self._connect_timeout = connect_timeout
         self.tails: dict[uuid.UUID, Tail] = {}
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self._connected = asyncio.Event()
+        self._sweep_failing_since: float | None = None
+        self.closing = False  # set by end_streams(): every follow() returns
+        self.reconnects = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="chatlog-listener")
+        self._sweeper = asyncio.create_task(self._sweep(), name="chatlog-sweep")
         await asyncio.wait_for(self._connected.wait(), 30)
 
+    def end_streams(self) -> None:
+        """Shutting down: every live reader's follow() returns now, and new ones at once."""
+        self.closing = True
+        for tail in self.tails.values():
+            tail._wake()
+
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self.end_streams()
+        for task in (self._task, self._sweeper):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for tail in self.tails.values():
             tail.close()
         self.tails.clear()
+
+    async def _sweep(self) -> None:
+        """Once a second: have every tail that is behind its conversation fetch."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            if not self.tails:
+                continue
+            try:
+                heads = await self._heads(list(self.tails))
+            except Exception as exc:
+                if self._sweep_failing_since is None:
+                    log.warning("cannot read the followed conversations' heads: %r", exc)
+                    self._sweep_failing_since = time.monotonic()
+                for tail in list(self.tails.values()):
+                    tail._wake()  # their readers check whether to give up
+                continue
+            self._sweep_failing_since = None
+            for conversation_id, head in heads.items():
+                tail = self.tails.get(conversation_id)
+                if tail is not None:
+                    tail.behind(head)
+
+    def _stalled(self, tail: Tail) -> bool:
+        since = min((t for t in (tail.failing_since, self._sweep_failing_since) if t is not None), default=None)
+        return since is not None and time.monotonic() - since > STALL_SECONDS
 
     async def _run(self) -> None:
         delay = 0.1
         while True:
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
                 conn.add_termination_listener(lambda _: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self._conn, delay = conn, 0.1
                 if self._connected.is_set():
+                    self.reconnects += 1
                     log.warning("listener reconnected; re-checking %d followed conversations", len(self.tails))
                 self._connected.set()
                 for tail in self.tails.values():
@@ -156,12 +235,12 @@ class Listener:
                 await self._watch(conn, lost)
             except asyncio.CancelledError:
                 if self._conn is not None:
-                    await self._conn.close()
+                    self._conn.terminate()  # no goodbye round trip: the server may be gone
                 raise
             except Exception as exc:
                 log.warning("listener connection failed (%r); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
+            delay = min(delay * 2, 2)
 
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Return when the connection is gone: closed, or silently dead (no
@@ -185,8 +264,9 @@ class Listener:
             tail.announce(int(first), int(last))
 
     async def follow(self, conversation_id: uuid.UUID, after: int, heartbeat: float) -> AsyncIterator[list[dict]]:
-        """Committed events after `after`, in order, forever; an empty list
-        means `heartbeat` seconds passed with nothing new.
+        """Committed events after `after`, in order, until the server shuts
+        down; an empty list means `heartbeat` seconds passed with nothing new.
+        Raises Unavailable when the store has been failing for STALL_SECONDS.
 
         Subscribes BEFORE reading the store, so nothing committed between the
         two is missed; de-duplicates by seq, so nothing is sent twice.
@@ -196,10 +276,10 @@ class Listener:
         tail = self.tails.get(conversation_id)
         if tail is None:
             tail = self.tails[conversation_id] = Tail(conversation_id, self._read, self._buffer_size)
-        tail.readers += 1
+        tail.join(after)
         try:
             cursor = after
-            while True:
+            while not self.closing:
                 events = tail.after(cursor)
                 if events is None:
                     events = await self._read(conversation_id, cursor, 1000)
@@ -207,10 +287,11 @@ class Listener:
                     cursor = events[-1]["seq"]
                     yield events
                     continue
+                if self._stalled(tail):
+                    raise Unavailable("the event store cannot be read right now; resume with Last-Event-ID")
+                # failures wake the tail too (every second while they last),
+                # so a stalled reader finds out without polling
                 if not await tail.wait(heartbeat):
-                    # Quiet for a heartbeat: have the tail (once for all its
-                    # readers) look for commits whose NOTIFY was lost.
-                    tail.refresh(cursor)
                     yield []
         finally:
             tail.readers -= 1

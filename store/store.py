@@ -22,7 +22,9 @@ from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event
 from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, OutOfRange, SeqConflict
 from store.folds import HISTORY, UI, FoldReader
 from store.listener import Listener
-from store.writer import MAX_EVENTS_PER_TRANSACTION, GroupWriter, Transaction
+from store.pool import CONNECTION_ERRORS, Pool, create_pool, unavailable
+from store.positions import INDEX_BITS, MAX_EVENTS_PER_TRANSACTION
+from store.writer import GroupWriter, Transaction
 
 log = logging.getLogger("chatlog.store")
 
@@ -50,21 +52,13 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
-
-
-async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
-
-
 # One round trip writes the batch and the conversation's new state. created_at
 # never goes backwards within a conversation: the row lock orders its writers
 # and greatest() guards against clock steps.
-_INSERT_EVENTS = """
+_INSERT_EVENTS = f"""
 WITH ins AS (
     INSERT INTO events (conversation_id, seq, position, id, type, data, created_at, principal)
-    SELECT $1, e.seq, (pg_current_xact_id()::text::bigint << 16) + e.idx, e.id, e.type, e.data::jsonb,
+    SELECT $1, e.seq, (pg_current_xact_id()::text::bigint << {INDEX_BITS}) + e.idx, e.id, e.type, e.data::jsonb,
            coalesce($13::timestamptz, greatest(statement_timestamp(), $7)), $8
       FROM unnest($2::int[], $3::int[], $4::text[], $5::text[], $6::text[]) AS e(seq, idx, id, type, data)
     RETURNING seq, position, created_at
@@ -79,19 +73,26 @@ SELECT seq, position, created_at FROM ins ORDER BY seq
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000,
-                 dsn: str | None = None) -> None:
-        self.pool = pool
-        self.writer = GroupWriter(pool, writers=writers, max_group_events=max_group_events)
-        self.history = FoldReader(pool, HISTORY)
-        self.ui_states = FoldReader(pool, UI)
+    def __init__(self, pool: asyncpg.Pool | Pool, writers: int = 4, max_group_events: int = 10_000,
+                 dsn: str | None = None, outcome_timeout: float = 10.0) -> None:
+        self.pool = pool if isinstance(pool, Pool) else Pool(pool)
+        self.writer = GroupWriter(self.pool, writers=writers, max_group_events=max_group_events,
+                                  outcome_timeout=outcome_timeout)
+        self.history = FoldReader(self.pool, HISTORY)
+        self.ui_states = FoldReader(self.pool, UI)
         # live readers need a LISTEN connection of their own: only with a dsn
-        self.listener = Listener(dsn, self.events_after) if dsn else None
+        self.listener = Listener(dsn, self.events_after, self.heads) if dsn else None
 
     @classmethod
-    async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4) -> "Store":
-        pool = await create_pool(dsn, min_size=min(2, pool_size), max_size=pool_size)
-        store = cls(pool, writers=min(writers, pool_size), dsn=dsn)
+    async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.5,
+                   command_timeout: float = 10.0, outcome_timeout: float = 10.0) -> "Store":
+        """Open a pool on `dsn` and start the listener. Waits are bounded: a
+        connection within `acquire_timeout`, a statement within
+        `command_timeout`, a lost COMMIT's outcome within `outcome_timeout`."""
+        raw = await create_pool(dsn, min_size=min(2, pool_size), max_size=pool_size,
+                                connect_timeout=acquire_timeout, command_timeout=command_timeout)
+        store = cls(Pool(raw, acquire_timeout), writers=min(writers, pool_size), dsn=dsn,
+                    outcome_timeout=outcome_timeout)
         await store.listener.start()
         return store
 
@@ -238,6 +239,7 @@ class Store:
             seqs[-1], state, open_turn_id, title, at,
         )
         tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}")
+        tx.wrote(conversation_id, seqs[0], rows[0]["position"])
         moment = rfc3339(rows[0]["created_at"])
         cid = str(conversation_id)
         return [
@@ -336,7 +338,16 @@ class Store:
         return rows[0]["seq"], rows[1]["seq"] if len(rows) > 1 else None
 
     async def read_feed(self, principal: str, after_position: int = 0, limit: int = 1000) -> list[dict]:
-        return await feed.read(self.pool, principal, after_position, limit)
+        async with self.pool.acquire() as conn:
+            try:
+                return await feed.read(conn, principal, after_position, limit)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+
+    async def heads(self, conversation_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+        """The current seq of each of these conversations (for the listener's sweep)."""
+        rows = await self.pool.fetch("SELECT id, seq FROM conversations WHERE id = ANY($1::uuid[])", conversation_ids)
+        return {r["id"]: r["seq"] for r in rows}
 
     async def secret(self, name: str) -> str:
         value = await self.pool.fetchval("SELECT value FROM secrets WHERE name = $1", name)

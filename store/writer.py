@@ -1,7 +1,8 @@
-"""Group commit: many appends, few transactions, nothing visible before commit.
+"""Group commit: many appends, few transactions, nothing visible before commit,
+and every caller told the truth about its write, even when COMMIT's reply is lost.
 
-Appends queue up; each of a few writer tasks takes everything waiting (up to a
-cap) and runs it in ONE transaction. Under light load that is one append per
+Appends queue up; each of a few writer tasks takes a fair share of what waits
+and runs it in ONE transaction. Under light load that is one append per
 transaction and no added latency; under heavy load the batches grow by
 themselves. Callers learn their result only after COMMIT returns, and readers
 only ever read committed rows, so nothing is visible before it is durable.
@@ -11,48 +12,68 @@ conversation-id order (stable, so one conversation's ops keep their arrival
 order), which makes lock order the same in every transaction: no deadlocks.
 
 Before any op runs, the transaction takes a transaction-level advisory lock on
-every conversation of its group (same order). Advisory locks need no xid, so
-the transaction gets its xid (its feed positions, see store/feed.py) only once
-it holds all of them. Hence two transactions writing one conversation get
+every conversation of its group (same order), plus the shared "writer" lock
+that tells the feed this transaction writes the log (store/feed.py). Advisory
+locks need no xid, so the transaction gets its xid (its feed positions) only
+once it holds all of them. Hence two transactions writing one conversation get
 their xids in the order they write it, and a conversation's positions follow
-its seqs. Without this, a group that took its xid at its first row lock and
-then waited for a later conversation's row would write that conversation's
-next seq BELOW the positions of the transaction it waited for.
+its seqs.
+
+When COMMIT fails, the group may or may not have committed: the reply can be
+lost after PostgreSQL made the transaction durable. Running its ops again
+could write them twice, so the writer asks instead: `pg_xact_status(xid)` on
+another connection says whether the transaction committed, and the row the
+group wrote first confirms it was this transaction (an xid of a transaction
+that never reached the WAL can be handed out again after a crash). Committed:
+every caller gets its result. Aborted: nothing was written; the group runs
+again. No answer within the bound: OutcomeUnknown (503, details.outcome
+"unknown"); a retry with the same event ids settles it. A failure BEFORE
+COMMIT was sent never commits, so those ops are simply run again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import asyncpg
 
-from store.errors import OutOfRange, StoreError
+from store.errors import OutcomeUnknown, OutOfRange, StoreError, Unavailable
+from store.pool import CONNECTION_ERRORS, Pool
+from store.positions import MAX_EVENTS_PER_TRANSACTION, WRITER_LOCK, xid_of
 
 log = logging.getLogger("chatlog.writer")
 
-# position = (xid << 16) + index, so one transaction holds at most 65536 events.
-MAX_EVENTS_PER_TRANSACTION = 1 << 16
-
 # Keys sorted by the caller; unnest keeps their order, so every transaction locks in the same order.
-_LOCK_CONVERSATIONS = "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k"
+_LOCK_CONVERSATIONS = f"""
+SELECT pg_advisory_xact_lock_shared({WRITER_LOCK[0]}, {WRITER_LOCK[1]}),
+       (SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest($1::text[]) AS k)
+"""
+
 
 
 @dataclass
 class Transaction:
-    """What the ops of one group share: the connection and the index counter."""
+    """What the ops of one group share: the connection, the index counter, and
+    the first row written (the witness the outcome check looks for)."""
 
     conn: asyncpg.Connection
     next_index: int = 0
     notifications: list[str] = field(default_factory=list)
+    witness: tuple[Any, int, int] | None = None  # (conversation_id, seq, position)
 
     def take_indexes(self, n: int) -> list[int]:
         start = self.next_index
         self.next_index += n
         return list(range(start, start + n))
+
+    def wrote(self, conversation_id: Any, seq: int, position: int) -> None:
+        if self.witness is None:
+            self.witness = (conversation_id, seq, position)
 
 
 Op = Callable[[Transaction], Awaitable[Any]]
@@ -66,36 +87,58 @@ class _Request:
     future: asyncio.Future
 
 
+class _CommitUnclear(Exception):
+    """COMMIT was sent and no reply came back."""
+
+    def __init__(self, witness: tuple[Any, int, int] | None, cause: BaseException,
+                 outcomes: list[tuple[bool, Any]]) -> None:
+        super().__init__(repr(cause))
+        self.witness, self.cause, self.outcomes = witness, cause, outcomes
+
+
 class GroupWriter:
-    def __init__(self, pool: asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000,
-                 after_commit: Callable[[list[str]], None] | None = None) -> None:
-        self._pool = pool
+    def __init__(self, pool: Pool | asyncpg.Pool, writers: int = 4, max_group_events: int = 10_000,
+                 outcome_timeout: float = 10.0) -> None:
+        self._pool = pool if isinstance(pool, Pool) else Pool(pool)
         self._waiting: deque[_Request] = deque()
         self._ready = asyncio.Condition()
         self._max_events = min(max_group_events, MAX_EVENTS_PER_TRANSACTION)
-        self._after_commit = after_commit
         self._writers = writers
+        self._outcome_timeout = outcome_timeout
+        self._closing = False
+        self._busy = 0  # groups being committed right now
         self._tasks = [asyncio.create_task(self._work(), name=f"chatlog-writer-{i}") for i in range(writers)]
-        self.transactions = 0  # counters, for /metrics-like introspection and the bench
+        self.transactions = 0  # counters, for introspection and the bench
         self.ops = 0
+        self.unclear_commits = 0  # COMMITs whose reply was lost and whose outcome was looked up
 
     async def submit(self, key: str, size: int, op: Op) -> Any:
         if size > MAX_EVENTS_PER_TRANSACTION:
             # its positions would run into the next transaction's (store/feed.py)
             raise OutOfRange(f"one write holds at most {MAX_EVENTS_PER_TRANSACTION} events, this one has {size}",
                              limit=MAX_EVENTS_PER_TRANSACTION)
+        if self._closing:
+            raise Unavailable("this server is shutting down; retry on another one")
         future = asyncio.get_running_loop().create_future()
         async with self._ready:
             self._waiting.append(_Request(key, size, op, future))
             self._ready.notify()
         return await future
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 10.0) -> None:
+        """Take no more writes, let the queued and running groups commit (up to
+        `drain_seconds`), then stop; whatever could not run is refused."""
+        self._closing = True
+        deadline = time.monotonic() + drain_seconds
+        while (self._waiting or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._waiting:
-            self._waiting.popleft().future.set_exception(StoreError("the store is shutting down"))
+            request = self._waiting.popleft()
+            if not request.future.done():
+                request.future.set_exception(Unavailable("this server is shutting down; retry on another one"))
 
     async def _work(self) -> None:
         while True:
@@ -111,46 +154,143 @@ class GroupWriter:
                     request = self._waiting.popleft()
                     group.append(request)
                     size += request.size
+                self._busy += 1
             try:
-                await self._commit(group)
-            except Exception:  # never let the writer die; _commit already answered
+                await self._commit(sorted(group, key=lambda r: r.key))
+            except Exception as failure:  # never let the writer die; answer whoever is still waiting
                 log.exception("writer failed")
+                _answer(group, failure)
+            finally:
+                self._busy -= 1
 
-    async def _commit(self, group: list[_Request]) -> None:
-        group = sorted(group, key=lambda r: r.key)
-        outcomes: list[tuple[bool, Any]] = []
+    async def _commit(self, group: list[_Request], attempts: int = 3) -> None:
+        """Run `group` in one transaction and answer every caller the truth."""
         try:
-            async with self._pool.acquire() as conn:
-                async with conn.transaction():
-                    await conn.execute(_LOCK_CONVERSATIONS, sorted({request.key for request in group}))
-                    tx = Transaction(conn)
-                    for request in group:
-                        try:
-                            outcomes.append((True, await request.op(tx)))
-                        except StoreError as refused:
-                            # ops check every rule before they write, so a
-                            # refused op has written nothing: the group goes on
-                            outcomes.append((False, refused))
-                    if tx.notifications:
-                        await conn.execute("SELECT pg_notify('chatlog_events', n) FROM unnest($1::text[]) AS n",
-                                           tx.notifications)
+            outcomes = await self._run(group)
+        except _CommitUnclear as unclear:
+            self.unclear_commits += 1
+            status = await self._settle(unclear.witness)
+            log.warning("the reply to a COMMIT was lost (%r); the transaction %s", unclear.cause, status)
+            if status == "committed":
+                self._count(group)
+                _deliver(group, unclear.outcomes)
+            elif status == "aborted" and attempts > 1:
+                await self._commit(group, attempts - 1)  # nothing was written: run it again
+            elif status == "aborted":
+                _answer(group, Unavailable("the event store kept failing; nothing was written, retry shortly"))
+            else:
+                _answer(group, OutcomeUnknown(
+                    "the event store went away while this write was being committed and has not come back; "
+                    "retry with the same event ids to settle it", outcome="unknown"), keep_refusals=unclear.outcomes)
+            return
+        except CONNECTION_ERRORS + (Unavailable,) as failure:
+            # before COMMIT: the transaction cannot have committed
+            if attempts > 1 and not self._closing:
+                await asyncio.sleep(0.05)
+                await self._commit(group, attempts - 1)
+            else:
+                _answer(group, failure if isinstance(failure, Unavailable) else Unavailable(
+                    "the event store cannot be reached right now; nothing was written, retry shortly",
+                    reason=type(failure).__name__))
+            return
         except Exception as failure:
             if len(group) > 1:
-                # one op broke the transaction for all: give each its own
+                # one op broke the transaction for all (nothing committed): give each its own
                 for request in group:
-                    await self._commit([request])
+                    await self._commit([request], attempts)
                 return
-            if not group[0].future.done():
-                group[0].future.set_exception(failure)
+            _answer(group, failure)
             return
+        self._count(group)
+        _deliver(group, outcomes)
+
+    def _count(self, group: list[_Request]) -> None:
         self.transactions += 1
         self.ops += len(group)
-        if self._after_commit and tx.notifications:
-            self._after_commit(tx.notifications)
-        for request, (ok, value) in zip(group, outcomes):
-            if request.future.done():
-                continue  # the caller went away
-            if ok:
-                request.future.set_result(value)
-            else:
-                request.future.set_exception(value)
+
+    async def _run(self, group: list[_Request]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        async with self._pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute(_LOCK_CONVERSATIONS, sorted({request.key for request in group}))
+                tx = Transaction(conn)
+                for request in group:
+                    try:
+                        outcomes.append((True, await request.op(tx)))
+                    except StoreError as refused:
+                        # ops check every rule before they write, so a refused
+                        # op has written nothing: the group goes on
+                        outcomes.append((False, refused))
+                if tx.notifications:
+                    await conn.execute("SELECT pg_notify('chatlog_events', n) FROM unnest($1::text[]) AS n",
+                                       tx.notifications)
+            except BaseException:
+                if not conn.is_closed():
+                    try:
+                        await transaction.rollback()
+                    except Exception:
+                        conn.terminate()  # the pool replaces it
+                raise
+            try:
+                await transaction.commit()
+            except BaseException as cause:
+                if isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, CONNECTION_ERRORS):
+                    raise  # PostgreSQL answered COMMIT with an error: it rolled back
+                raise _CommitUnclear(tx.witness, cause, outcomes) from cause
+        return outcomes
+
+    async def _settle(self, witness: tuple[Any, int, int] | None) -> str:
+        """'committed', 'aborted' or 'unknown' for the group that wrote `witness`."""
+        if witness is None:
+            return "committed"  # it wrote nothing: its answers hold whatever happened
+        conversation_id, seq, position = witness
+        deadline = time.monotonic() + self._outcome_timeout
+        delay = 0.05
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", str(xid_of(position)),
+                                                 timeout=self._pool.acquire_timeout)
+                    if status == "committed":
+                        # a new statement, so a new snapshot: the commit is visible to it
+                        written = await conn.fetchval(
+                            "SELECT position FROM events WHERE conversation_id = $1 AND seq = $2",
+                            conversation_id, seq, timeout=self._pool.acquire_timeout)
+                        return "committed" if written == position else "aborted"
+                    if status in ("aborted", None):  # None: older than the status horizon, i.e. not ours
+                        return "aborted"
+                    # 'in progress': the server has not yet processed COMMIT or noticed the lost client
+            except asyncpg.PostgresError as exc:
+                if "in the future" in str(exc):  # an xid never logged before a crash: never committed
+                    return "aborted"
+                if not isinstance(exc, CONNECTION_ERRORS):
+                    raise
+            except (Unavailable, *CONNECTION_ERRORS):
+                pass
+            if time.monotonic() + delay > deadline:
+                return "unknown"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _deliver(group: list[_Request], outcomes: list[tuple[bool, Any]]) -> None:
+    for request, (ok, value) in zip(group, outcomes):
+        if request.future.done():
+            continue  # the caller went away
+        if ok:
+            request.future.set_result(value)
+        else:
+            request.future.set_exception(value)
+
+
+def _answer(group: list[_Request], failure: BaseException, keep_refusals: list[tuple[bool, Any]] | None = None) -> None:
+    """Fail every caller still waiting; refusals (nothing written either way) stay refusals."""
+    for i, request in enumerate(group):
+        if request.future.done():
+            continue
+        if keep_refusals is not None and i < len(keep_refusals) and not keep_refusals[i][0]:
+            request.future.set_exception(keep_refusals[i][1])
+        else:
+            request.future.set_exception(failure)

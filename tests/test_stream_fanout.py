@@ -16,7 +16,7 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
         reads.append((conversation_id, after))
         return await store.events_after(conversation_id, after, limit)
 
-    listener = Listener(database_url, counting_read)
+    listener = Listener(database_url, counting_read, store.heads)
     await listener.start()
     try:
         cid = uuid.UUID((await store.create_conversation(principal))["id"])
@@ -49,7 +49,7 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
 
 
 async def test_readers_of_other_conversations_are_not_woken(database_url, store, principal):
-    listener = Listener(database_url, store.events_after)
+    listener = Listener(database_url, store.events_after, store.heads)
     await listener.start()
     try:
         quiet = uuid.UUID((await store.create_conversation(principal))["id"])
