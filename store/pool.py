@@ -1,0 +1,105 @@
+"""The connection pool, with every wait bounded.
+
+Nothing that touches PostgreSQL may hang: taking a connection waits at most
+`acquire_timeout` (a pool exhausted by load, a server that accepts no
+connections), and every statement at most the pool's `command_timeout` (a
+server that stopped answering). Either way, and whenever the server is gone,
+the caller gets store.errors.Unavailable, which the API answers 503
+`store_unavailable`.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import asyncpg
+import orjson
+
+from store.errors import Unavailable
+
+# What a lost connection, a server going away or a timeout raise.
+CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                     asyncpg.TooManyConnectionsError, asyncpg.InterfaceError, asyncpg.AdminShutdownError,
+                     asyncpg.CrashShutdownError, OSError, TimeoutError)
+
+
+def unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable("the event store cannot be reached right now; retry shortly", reason=type(exc).__name__)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_timeout: float = 1.5,
+                      command_timeout: float = 10.0) -> asyncpg.Pool:
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+                                     timeout=connect_timeout, command_timeout=command_timeout)
+
+
+class Pool:
+    """asyncpg.Pool's query methods, bounded, failing as Unavailable."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float = 1.5) -> None:
+        self.raw = pool
+        self.acquire_timeout = acquire_timeout
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            conn = await self.raw.acquire(timeout=self.acquire_timeout)
+        except CONNECTION_ERRORS as exc:
+            raise unavailable(exc) from exc
+        try:
+            yield conn
+        finally:
+            await self.raw.release(conn)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.acquire() as conn:
+            try:
+                return await conn.fetch(query, *args)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.acquire() as conn:
+            try:
+                return await conn.fetchrow(query, *args)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            try:
+                return await conn.fetchval(query, *args)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            try:
+                return await conn.execute(query, *args)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+
+    async def executemany(self, query: str, args: Any) -> None:
+        async with self.acquire() as conn:
+            try:
+                await conn.executemany(query, args)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+
+    def get_size(self) -> int:
+        return self.raw.get_size()
+
+    def get_idle_size(self) -> int:
+        return self.raw.get_idle_size()
+
+    async def close(self) -> None:
+        await self.raw.close()
