@@ -137,18 +137,25 @@ class FaultProxy:
         else:
             self._loop.call_soon_threadsafe(fn)
 
-    def arm(self, kind: str, count: int = 1) -> None:
-        """Fault the next `count` COMMITs (any connection) with `kind`."""
+    def arm(self, kind: str, count: int = 1, then_refuse: bool = False) -> None:
+        """Fault the next `count` COMMITs (any connection) with `kind`. With
+        `then_refuse`, the store becomes unreachable right then: every other
+        connection is cut too and new ones are refused until `refuse(False)`,
+        so the client cannot ask what became of its transaction."""
         assert kind in COMMIT_FAULTS, kind
-        self._soon(lambda: self._armed.extend([kind] * count))
+        self._soon(lambda: self._armed.extend([(kind, then_refuse)] * count))
 
     def cut_all(self) -> None:
         def cut() -> None:
             self.counts["cut_all"] += 1
-            self.counts["cut_connections"] += len(self._links)
-            for link in list(self._links):
-                link.cut()
+            self._cut_links()
         self._soon(cut)
+
+    def _cut_links(self, but: _Link | None = None) -> None:
+        for link in list(self._links):
+            if link is not but:
+                self.counts["cut_connections"] += 1
+                link.cut()
 
     def refuse(self, on: bool = True) -> None:
         self.refusing = on
@@ -162,10 +169,14 @@ class FaultProxy:
 
     # -- the proxy ----------------------------------------------------------------------
 
-    def _commit_fault(self) -> str | None:
+    def _commit_fault(self, link: _Link) -> str | None:
         self.counts["commits"] += 1
         if self._armed:
-            return self._armed.popleft()
+            kind, then_refuse = self._armed.popleft()
+            if then_refuse:
+                self.refusing = True
+                self._cut_links(but=link)  # this one is cut by the fault itself
+            return kind
         draw = self.rng.random()
         for kind, probability in self.commit_faults.items():
             if draw < probability:
@@ -234,7 +245,7 @@ class FaultProxy:
                 if not 4 <= length <= MAX_MESSAGE:
                     return
                 body = await reader.readexactly(length - 4)
-                fault = self._commit_fault() if head[:1] == b"Q" and is_commit(body) else None
+                fault = self._commit_fault(link) if head[:1] == b"Q" and is_commit(body) else None
                 if fault == "commit_lost":
                     self.counts[fault] += 1
                     return  # the cut: the server never sees the COMMIT, the transaction aborts

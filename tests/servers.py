@@ -186,6 +186,24 @@ async def start_server(database_url, server_log_dir, request):
     await asyncio.gather(*(s.stop() for s in servers))
 
 
+@pytest.fixture
+async def start_server_on(server_log_dir, request):
+    """start_server_on(database_url, name, **env) -> a running server on another database (a private
+    cluster, a fault proxy), stopped at the end of the test."""
+    servers: list[ChatlogServer] = []
+
+    async def start(database_url: str, name: str, **env: str) -> ChatlogServer:
+        server = ChatlogServer(f"{request.node.name}-{name}", database_url, server_log_dir, env)
+        servers.append(server)
+        return await server.start()
+
+    yield start
+    await asyncio.gather(*(s.stop() for s in servers))
+
+
+# A failing test that uses one of these fixtures gets its servers' log tails in its report.
+REPORT_LOGS_FOR = {"chatlog_servers", "start_server", "start_server_on"}
+
 _test_started = [0.0]
 
 
@@ -197,7 +215,7 @@ def pytest_runtest_logstart(nodeid, location):
 def pytest_runtest_makereport(item, call):
     """A failing test's report shows the log tail of each server that was up during it."""
     report = yield
-    if report.when == "call" and report.failed and {"chatlog_servers", "start_server"} & set(item.fixturenames):
+    if report.when == "call" and report.failed and REPORT_LOGS_FOR & set(item.fixturenames):
         for server in ChatlogServer.started:
             if not server.alive and (server.ended_at or 0) < _test_started[0]:
                 continue
@@ -530,3 +548,99 @@ class ResumingReader:
                 self.drops += 1
                 self.use_client = (self.use_client + 1) % len(self.clients)
                 await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Received:
+    frame: Frame
+    at: float  # time.monotonic() when it was complete
+    connection: int
+
+
+class FollowingReader:
+    """Follows one stream through outages and restarts, as a patient client does.
+
+    Unlike ResumingReader it never gives up: a refused request (503 or any
+    other status) or a transport error is retried after `retry_delay` on the
+    next live server of `servers` (objects with `url` and `alive`, read at
+    each attempt: a restarted server has a new port); a response the server
+    ended is resumed with `Last-Event-ID`. With `drop_probability` it also
+    hangs up by itself after a frame now and then (half of the time a few
+    bytes into the next one). It records when each frame arrived, so a test
+    can tell how long a committed event took to reach it.
+    """
+
+    def __init__(self, servers: list, path: str, params: dict | None = None, principal: str = "alice",
+                 drop_probability: float = 0.0, rng=None, retry_delay: float = 0.25, first: int = 0) -> None:
+        import random
+        from collections import Counter
+
+        self.servers, self.path, self.params, self.principal = servers, path, params or {}, principal
+        self.drop_probability, self.retry_delay = drop_probability, retry_delay
+        self.rng = rng or random.Random(0)
+        self.received: list[Received] = []
+        self.last_event_id: str | None = None
+        self.connections = 0  # requests made
+        self.ends = 0  # responses the server ended
+        self.hang_ups = 0  # by the reader itself
+        self.failures: Counter = Counter()  # refused or failed requests, by status or error
+        self._use = first
+
+    @property
+    def frames(self) -> list[Frame]:
+        return [r.frame for r in self.received]
+
+    def _server(self):
+        for _ in range(len(self.servers)):
+            server = self.servers[self._use % len(self.servers)]
+            if server.alive:
+                return server
+            self._use += 1
+        return self.servers[self._use % len(self.servers)]
+
+    async def run(self, until: Callable[[], bool]) -> None:
+        """Read until `until()` holds (checked after every frame and heartbeat)."""
+        while not until():
+            server = self._server()
+            self.connections += 1
+            try:
+                async with httpx.AsyncClient(base_url=server.url, headers=auth(self.principal),
+                                             timeout=httpx.Timeout(10.0)) as client:
+                    async with open_sse(client, self.path, last_event_id=self.last_event_id,
+                                        params=self.params) as stream:
+                        if stream.response.status_code != 200:
+                            await stream.response.aread()
+                            self.failures[str(stream.response.status_code)] += 1
+                            self._use += 1
+                        else:
+                            outcome = await self._read(stream, until)
+                            if outcome == "done":
+                                return
+                            if outcome == "hung_up":
+                                continue  # resume at once
+            except httpx.TransportError as exc:
+                self.failures[type(exc).__name__] += 1
+                self._use += 1
+            await asyncio.sleep(self.retry_delay)
+
+    async def _read(self, stream: SSEStream, until: Callable[[], bool]) -> str:
+        """One response: "done" when `until()` held, else "hung_up" or "ended" (by the server)."""
+        connection = self.connections
+        async for item in stream.items():
+            if isinstance(item, Frame):
+                self.received.append(Received(item, time.monotonic(), connection))
+                self.last_event_id = item.id
+                if until():
+                    return "done"
+                if self.rng.random() < self.drop_probability:
+                    self.hang_ups += 1
+                    cut = self.rng.choice([0, self.rng.randint(1, 60)])
+                    async for late in stream.items(cut_after_bytes=cut):  # a frame completed before the cut
+                        if isinstance(late, Frame):
+                            self.received.append(Received(late, time.monotonic(), connection))
+                            self.last_event_id = late.id
+                    return "done" if until() else "hung_up"
+            elif until():
+                return "done"
+        self.ends += 1
+        return "ended"
