@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.responses import JSONResponse
+from api.shutdown import chain_exit_signals
 from api.routes import conversations, events, feed, health, messages, stream, tokens
 from api.settings import Settings
 from store import Store
@@ -37,6 +38,14 @@ def redact_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
+def _begin_shutdown(app: FastAPI) -> None:
+    store = app.state.store
+    if store is not None and store.listener is not None and not store.listener.closing:
+        log.info("shutting down: ending %d live streams' conversations so their clients resume elsewhere",
+                 len(store.listener.tails))
+        store.listener.end_streams()
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     """Build the app. Pass `store` to share one (tests); else it opens its own."""
     settings = settings or Settings()
@@ -49,9 +58,14 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if not settings.database_url:
                 raise RuntimeError("DATABASE_URL is not set; start the server with `chatlog serve`, "
                                    "which runs an embedded PostgreSQL when it is unset")
-            app.state.store = await Store.open(settings.database_url, settings.pool_size, settings.writers)
+            app.state.store = await Store.open(
+                settings.database_url, settings.pool_size, settings.writers,
+                acquire_timeout=settings.acquire_timeout_seconds, command_timeout=settings.statement_timeout_seconds,
+                outcome_timeout=settings.commit_outcome_timeout_seconds)
+            restore_signals = chain_exit_signals(lambda: _begin_shutdown(app))
         else:
             app.state.store = store
+            restore_signals = lambda: None  # noqa: E731
         logging.getLogger("uvicorn.access").addFilter(redact_tokens)
         if not principals:
             log.warning("=" * 72)
@@ -61,7 +75,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         try:
             yield
         finally:
+            restore_signals()
             if owned:
+                _begin_shutdown(app)
                 await app.state.store.close()
 
     app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 import asyncpg
@@ -45,9 +46,13 @@ def serve(args: argparse.Namespace) -> None:
     log.info("migrations applied now: %s", ", ".join(applied) or "none (schema up to date)")
     # Workers are separate processes: they read the URL from the environment.
     os.environ["DATABASE_URL"] = url
+    # After a graceful stop uvicorn raises the signal again with the handler
+    # that was there before: make SIGTERM end like Ctrl-C (exit 0, atexit
+    # runs, so the embedded PostgreSQL stops too) instead of killing us.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     uvicorn.run("api.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers or settings.workers,
-                log_level=settings.log_level)
+                log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace_seconds)
 
 
 def migrate(_: argparse.Namespace) -> None:

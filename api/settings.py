@@ -24,6 +24,14 @@ class Settings(BaseSettings):
     max_batch_events: int = Field(1000, description="Events one append may carry.")
     max_event_bytes: int = Field(256 * 1024, description="Size of one event's data, as JSON.")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Size of one request body.")
+    acquire_timeout_seconds: float = Field(
+        1.5, gt=0, description="Longest wait for a PostgreSQL connection (pool exhausted, server unreachable): then 503.")
+    statement_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for one statement's answer.")
+    commit_outcome_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a write whose COMMIT reply was lost keeps asking whether it committed "
+                                "before it answers 503 with details.outcome 'unknown'.")
+    shutdown_grace_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM: longest wait for requests in flight before they are cut.")
     log_level: str = "info"
     heartbeat_seconds: float = Field(15.0, description="SSE heartbeat (`: ping`) interval.")
     stream_token_ttl_seconds: int = Field(300, description="Lifetime of a stream token.")

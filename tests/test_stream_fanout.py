@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from store import NewEvent
 from store.listener import Listener
 
@@ -74,3 +76,58 @@ async def test_readers_of_other_conversations_are_not_woken(database_url, store,
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.005)
+
+
+async def test_a_reader_gets_commits_whose_notifications_were_lost_within_seconds(database_url, store, principal):
+    """NOTIFY is the fast path only: with every notification lost (as while the
+    LISTEN connection is down), the once-a-second sweep still delivers."""
+    listener = Listener(database_url, store.events_after, store.heads)
+    listener._on_notify = lambda *args: None  # every notification lost
+    await listener.start()
+    try:
+        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+        got: list[int] = []
+
+        async def reader() -> None:
+            async for events in listener.follow(cid, 1, heartbeat=60):
+                got.extend(e["seq"] for e in events)
+                if got and got[-1] >= 4:
+                    return
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.2)  # the reader is waiting, past its first look at the store
+        for i in range(3):
+            await store.append(principal, cid, [NewEvent("message.user", {"content": f"m{i}"})])
+        await asyncio.wait_for(task, 5)
+    finally:
+        await listener.close()
+    assert got == [2, 3, 4]
+
+
+async def test_a_reader_whose_store_keeps_failing_is_ended_not_left_waiting(database_url, store, principal):
+    from store import Unavailable
+    from store.listener import STALL_SECONDS
+
+    failing = False
+
+    async def heads(ids):
+        if failing:
+            raise Unavailable("the event store cannot be reached right now")
+        return await store.heads(ids)
+
+    listener = Listener(database_url, store.events_after, heads)
+    await listener.start()
+    try:
+        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+
+        async def reader() -> None:
+            async for _ in listener.follow(cid, 1, heartbeat=60):
+                pass
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.2)
+        failing = True
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(task, STALL_SECONDS + 3)
+    finally:
+        await listener.close()
