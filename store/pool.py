@@ -19,9 +19,14 @@ import orjson
 from store.errors import Unavailable
 
 # What a lost connection, a server going away or a timeout raise.
+# (InternalClientError: asyncpg's protocol was left mid-operation by a lost
+# connection; that connection is useless.)
 CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-                     asyncpg.TooManyConnectionsError, asyncpg.InterfaceError, asyncpg.AdminShutdownError,
-                     asyncpg.CrashShutdownError, OSError, TimeoutError)
+                     asyncpg.TooManyConnectionsError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                     asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, OSError, TimeoutError)
+# Of those, the ones where a connection that worked was lost (not a timeout).
+LOST_CONNECTION = (asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                   asyncpg.InternalClientError, ConnectionError)
 
 
 def unavailable(exc: BaseException) -> Unavailable:
@@ -37,7 +42,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_timeout: float = 1.5,
-                      command_timeout: float = 10.0) -> asyncpg.Pool:
+                      command_timeout: float = 5.0) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
                                      timeout=connect_timeout, command_timeout=command_timeout)
 
@@ -57,8 +62,17 @@ class Pool:
             raise unavailable(exc) from exc
         try:
             yield conn
+        except (*CONNECTION_ERRORS, Unavailable):
+            conn.terminate()  # never hand a half-broken connection to the next caller
+            raise
         finally:
-            await self.raw.release(conn)
+            try:
+                await self.raw.release(conn)
+            except Exception:
+                # asyncpg resets a connection on release and terminates it if
+                # that fails; its error must not replace the caller's own (a
+                # lost COMMIT reply would look like a failure before COMMIT)
+                pass
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self.acquire() as conn:

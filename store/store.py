@@ -85,7 +85,7 @@ class Store:
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.5,
-                   command_timeout: float = 10.0, outcome_timeout: float = 10.0) -> "Store":
+                   command_timeout: float = 5.0, outcome_timeout: float = 10.0) -> "Store":
         """Open a pool on `dsn` and start the listener. Waits are bounded: a
         connection within `acquire_timeout`, a statement within
         `command_timeout`, a lost COMMIT's outcome within `outcome_timeout`."""

@@ -43,7 +43,7 @@ from typing import Any, Awaitable, Callable
 import asyncpg
 
 from store.errors import OutcomeUnknown, OutOfRange, StoreError, Unavailable
-from store.pool import CONNECTION_ERRORS, Pool
+from store.pool import CONNECTION_ERRORS, LOST_CONNECTION, Pool
 from store.positions import MAX_EVENTS_PER_TRANSACTION, WRITER_LOCK, xid_of
 
 log = logging.getLogger("chatlog.writer")
@@ -184,8 +184,10 @@ class GroupWriter:
                     "retry with the same event ids to settle it", outcome="unknown"), keep_refusals=unclear.outcomes)
             return
         except CONNECTION_ERRORS + (Unavailable,) as failure:
-            # before COMMIT: the transaction cannot have committed
-            if attempts > 1 and not self._closing:
+            # before COMMIT: the transaction cannot have committed. A
+            # connection lost midway (a restart, a cut) is worth one more go on
+            # a fresh one; a timeout or an unreachable store already took its bound.
+            if attempts > 1 and not self._closing and isinstance(failure, LOST_CONNECTION):
                 await asyncio.sleep(0.05)
                 await self._commit(group, attempts - 1)
             else:
