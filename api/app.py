@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                                    "which runs an embedded PostgreSQL when it is unset")
             app.state.store = await Store.open(
                 settings.database_url, settings.pool_size, settings.writers,
-                acquire_timeout=settings.acquire_timeout_seconds, command_timeout=settings.statement_timeout_seconds,
+                acquire_timeout=settings.acquire_timeout_seconds, statement_timeout=settings.statement_timeout_seconds,
                 outcome_timeout=settings.commit_outcome_timeout_seconds)
             restore_signals = chain_exit_signals(lambda: _begin_shutdown(app))
         else:

@@ -25,8 +25,9 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(256 * 1024, description="Size of one event's data, as JSON.")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Size of one request body.")
     acquire_timeout_seconds: float = Field(
-        1.5, gt=0, description="Longest wait for a PostgreSQL connection (pool exhausted, server unreachable): then 503.")
-    statement_timeout_seconds: float = Field(5.0, gt=0, description="Longest wait for one statement's answer.")
+        1.0, gt=0, description="Longest wait for a PostgreSQL connection (pool exhausted, server unreachable): then 503.")
+    statement_timeout_seconds: float = Field(
+        1.5, gt=0, description="Longest wait for one statement's answer (a read's includes its wait for a connection).")
     commit_outcome_timeout_seconds: float = Field(
         10.0, gt=0, description="How long a write whose COMMIT reply was lost keeps asking whether it committed "
                                 "before it answers 503 with details.outcome 'unknown'.")

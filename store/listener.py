@@ -9,9 +9,10 @@ second the listener also reads the current seq of every followed conversation
 in one query (the sweep) and has each tail that is behind fetch; after the
 LISTEN connection comes back every tail fetches at once. A reader is thus
 never left behind a commit for more than about a second while the store
-answers. When it does not (a fetch or the sweep failing for STALL_SECONDS),
-the reader's stream ends, so its client resumes with Last-Event-ID on this or
-another process instead of waiting on a connection that says nothing.
+answers. When it does not (no sweep has succeeded, or the tail's fetches have
+failed, for STALL_SECONDS), the reader's stream ends, so its client resumes
+with Last-Event-ID on this or another process instead of waiting on a
+connection that says nothing.
 
 Each followed conversation has one `Tail`, shared by all readers of it in this
 process: on a wake-up the tail reads the new events from the store ONCE and
@@ -45,7 +46,7 @@ ReadHeads = Callable[[list[uuid.UUID]], Awaitable[dict[uuid.UUID, int]]]
 
 SWEEP_SECONDS = 1.0
 # a reader whose events cannot be fetched for this long is ended (it resumes elsewhere)
-STALL_SECONDS = 3.0
+STALL_SECONDS = 2.5
 
 
 class Tail:
@@ -167,7 +168,7 @@ class Listener:
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self._connected = asyncio.Event()
-        self._sweep_failing_since: float | None = None
+        self._healthy_at = time.monotonic()  # when the last sweep that succeeded began
         self.closing = False  # set by end_streams(): every follow() returns
         self.reconnects = 0
 
@@ -179,8 +180,7 @@ class Listener:
     def end_streams(self) -> None:
         """Shutting down: every live reader's follow() returns now, and new ones at once."""
         self.closing = True
-        for tail in self.tails.values():
-            tail._wake()
+        self._wake_all()
 
     async def close(self) -> None:
         self.end_streams()
@@ -193,29 +193,44 @@ class Listener:
         self.tails.clear()
 
     async def _sweep(self) -> None:
-        """Once a second: have every tail that is behind its conversation fetch."""
+        """Once a second: have every tail that is behind its conversation fetch.
+
+        The sweep is also the store's pulse for live readers: while a sweep
+        has not succeeded for STALL_SECONDS (the query failed, or hangs), the
+        readers are woken every half second to find out that they are stalled."""
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             if not self.tails:
+                self._healthy_at = time.monotonic()
                 continue
+            started = time.monotonic()
+            query = asyncio.ensure_future(self._heads(list(self.tails)))
+            while not (await asyncio.wait({query}, timeout=0.5))[0]:
+                if self._sweep_stalled():
+                    self._wake_all()
             try:
-                heads = await self._heads(list(self.tails))
+                heads = query.result()
             except Exception as exc:
-                if self._sweep_failing_since is None:
+                if not self._sweep_stalled():
                     log.warning("cannot read the followed conversations' heads: %r", exc)
-                    self._sweep_failing_since = time.monotonic()
-                for tail in list(self.tails.values()):
-                    tail._wake()  # their readers check whether to give up
+                self._wake_all()  # their readers check whether to give up
                 continue
-            self._sweep_failing_since = None
+            self._healthy_at = started
             for conversation_id, head in heads.items():
                 tail = self.tails.get(conversation_id)
                 if tail is not None:
                     tail.behind(head)
 
+    def _sweep_stalled(self) -> bool:
+        return time.monotonic() - self._healthy_at > STALL_SECONDS
+
+    def _wake_all(self) -> None:
+        for tail in list(self.tails.values()):
+            tail._wake()
+
     def _stalled(self, tail: Tail) -> bool:
-        since = min((t for t in (tail.failing_since, self._sweep_failing_since) if t is not None), default=None)
-        return since is not None and time.monotonic() - since > STALL_SECONDS
+        failing = tail.failing_since is not None and time.monotonic() - tail.failing_since > STALL_SECONDS
+        return failing or self._sweep_stalled()
 
     async def _run(self) -> None:
         delay = 0.1

@@ -2,14 +2,17 @@
 
 Nothing that touches PostgreSQL may hang: taking a connection waits at most
 `acquire_timeout` (a pool exhausted by load, a server that accepts no
-connections), and every statement at most the pool's `command_timeout` (a
-server that stopped answering). Either way, and whenever the server is gone,
-the caller gets store.errors.Unavailable, which the API answers 503
-`store_unavailable`.
+connections), and a statement at most `statement_timeout` (a server that
+stopped answering). A read's statement gets what is left of
+`statement_timeout` after the wait for its connection, so a read answers
+within about `statement_timeout` whatever failed. Either way, and whenever the
+server is gone, the caller gets store.errors.Unavailable, which the API
+answers 503 `store_unavailable`.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -41,8 +44,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
-async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_timeout: float = 1.5,
-                      command_timeout: float = 5.0) -> asyncpg.Pool:
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_timeout: float = 1.0,
+                      command_timeout: float = 1.5) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
                                      timeout=connect_timeout, command_timeout=command_timeout)
 
@@ -50,9 +53,16 @@ async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_t
 class Pool:
     """asyncpg.Pool's query methods, bounded, failing as Unavailable."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float = 1.5) -> None:
+    # a query is always given at least this long, however long it waited for its connection
+    MIN_STATEMENT_SECONDS = 0.25
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float = 1.0, statement_timeout: float = 1.5) -> None:
         self.raw = pool
         self.acquire_timeout = acquire_timeout
+        self.statement_timeout = statement_timeout
+
+    def _left(self, started: float) -> float:
+        return max(self.statement_timeout - (time.monotonic() - started), self.MIN_STATEMENT_SECONDS)
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
@@ -75,37 +85,42 @@ class Pool:
                 pass
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        started = time.monotonic()
         async with self.acquire() as conn:
             try:
-                return await conn.fetch(query, *args)
+                return await conn.fetch(query, *args, timeout=self._left(started))
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        started = time.monotonic()
         async with self.acquire() as conn:
             try:
-                return await conn.fetchrow(query, *args)
+                return await conn.fetchrow(query, *args, timeout=self._left(started))
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
 
     async def fetchval(self, query: str, *args: Any) -> Any:
+        started = time.monotonic()
         async with self.acquire() as conn:
             try:
-                return await conn.fetchval(query, *args)
+                return await conn.fetchval(query, *args, timeout=self._left(started))
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
 
     async def execute(self, query: str, *args: Any) -> str:
+        started = time.monotonic()
         async with self.acquire() as conn:
             try:
-                return await conn.execute(query, *args)
+                return await conn.execute(query, *args, timeout=self._left(started))
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
 
     async def executemany(self, query: str, args: Any) -> None:
+        started = time.monotonic()
         async with self.acquire() as conn:
             try:
-                await conn.executemany(query, args)
+                await conn.executemany(query, args, timeout=self._left(started))
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
 

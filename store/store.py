@@ -72,6 +72,9 @@ SELECT seq, position, created_at FROM ins ORDER BY seq
 """
 
 
+_BIG_WRITE = 5000
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool | Pool, writers: int = 4, max_group_events: int = 10_000,
                  dsn: str | None = None, outcome_timeout: float = 10.0) -> None:
@@ -84,14 +87,14 @@ class Store:
         self.listener = Listener(dsn, self.events_after, self.heads) if dsn else None
 
     @classmethod
-    async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.5,
-                   command_timeout: float = 5.0, outcome_timeout: float = 10.0) -> "Store":
+    async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.0,
+                   statement_timeout: float = 1.5, outcome_timeout: float = 10.0) -> "Store":
         """Open a pool on `dsn` and start the listener. Waits are bounded: a
         connection within `acquire_timeout`, a statement within
-        `command_timeout`, a lost COMMIT's outcome within `outcome_timeout`."""
+        `statement_timeout`, a lost COMMIT's outcome within `outcome_timeout`."""
         raw = await create_pool(dsn, min_size=min(2, pool_size), max_size=pool_size,
-                                connect_timeout=acquire_timeout, command_timeout=command_timeout)
-        store = cls(Pool(raw, acquire_timeout), writers=min(writers, pool_size), dsn=dsn,
+                                connect_timeout=acquire_timeout, command_timeout=statement_timeout)
+        store = cls(Pool(raw, acquire_timeout, statement_timeout), writers=min(writers, pool_size), dsn=dsn,
                     outcome_timeout=outcome_timeout)
         await store.listener.start()
         return store
@@ -237,6 +240,8 @@ class Store:
             _INSERT_EVENTS, conversation_id, seqs, tx.take_indexes(len(events)), ids,
             [e.type for e in events], [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], previous_time, principal,
             seqs[-1], state, open_turn_id, title, at,
+            # a big copy (a fork) may take longer than a statement is allowed
+            timeout=None if len(events) < _BIG_WRITE else 60.0,
         )
         tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}")
         tx.wrote(conversation_id, seqs[0], rows[0]["position"])

@@ -85,6 +85,7 @@ class _Request:
     size: int  # events it writes
     op: Op
     future: asyncio.Future
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 class _CommitUnclear(Exception):
@@ -155,8 +156,17 @@ class GroupWriter:
                     group.append(request)
                     size += request.size
                 self._busy += 1
+            # a bounded wait: what waited for a writer longer than a
+            # connection may be waited for is refused, not run late
+            late = time.monotonic() - self._pool.acquire_timeout
+            stale = [r for r in group if r.queued_at < late]
+            if stale:
+                _answer(stale, Unavailable("the event store is not keeping up right now; nothing was written, "
+                                           "retry shortly"))
+                group = [r for r in group if r.queued_at >= late]
             try:
-                await self._commit(sorted(group, key=lambda r: r.key))
+                if group:
+                    await self._commit(sorted(group, key=lambda r: r.key))
             except Exception as failure:  # never let the writer die; answer whoever is still waiting
                 log.exception("writer failed")
                 _answer(group, failure)
@@ -228,8 +238,10 @@ class GroupWriter:
                 if tx.notifications:
                     await conn.execute("SELECT pg_notify('chatlog_events', n) FROM unnest($1::text[]) AS n",
                                        tx.notifications)
-            except BaseException:
-                if not conn.is_closed():
+            except BaseException as failure:
+                if isinstance(failure, CONNECTION_ERRORS) or conn.is_closed():
+                    conn.terminate()  # a timed-out or broken connection: the server aborts with it
+                else:
                     try:
                         await transaction.rollback()
                     except Exception:
