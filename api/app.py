@@ -10,7 +10,7 @@ from urllib.parse import unquote_plus
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors
+from api import errors, openapi
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
 from api.routes import conversations, events, feed, health, messages, stream, tokens
@@ -92,4 +92,5 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                            expose_headers=["x-vercel-ai-ui-message-stream"], max_age=600)
     for module in (conversations, events, feed, health, messages, stream, tokens):
         app.include_router(module.router)
+    openapi.install(app)
     return app

@@ -157,6 +157,34 @@ def storable(text: str) -> bool:
     return True
 
 
+# RFC 3339 `date-time` (what JSON Schema's "date-time" format is): a leap
+# second (:60) parses but cannot be represented, and is refused like a bad time
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+# The same, for the API document
+UUID_TEXT = {"type": "string", "format": "uuid"}
+TIME_TEXT = {"type": "string", "format": "date-time"}
+
+
+def parse_uuid(text: str) -> uuid.UUID | None:
+    """A UUID in its canonical text form (8-4-4-4-12 hex digits), else None."""
+    return uuid.UUID(text) if _UUID.fullmatch(text) else None
+
+
+def parse_time(text: str, name: str) -> datetime:
+    """An RFC 3339 time with its offset, in UTC; anything else is 422."""
+    if not _RFC3339.fullmatch(text):
+        raise ApiError(422, "invalid_request",
+                       f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-21T10:00:00Z", field=name)
+    try:
+        return utc(datetime.fromisoformat(text.upper().replace("Z", "+00:00")), name)
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"{name} is not a valid time (e.g. month 13 or second 60)",
+                       field=name) from None
+
+
 def utc(moment: datetime, name: str) -> datetime:
     """An aware time in UTC; one that leaves the representable range after its
     offset (0001-01-01T00:00:00+01:00) is 422, not an overflow in the store."""

@@ -8,6 +8,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from api.responses import JSONResponse
 from store import errors as store_errors
@@ -21,11 +22,23 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
+def _encodable(value):
+    """Messages and details may quote the request; a lone surrogate in it
+    (which JSON cannot carry) is shown escaped, as `\\udc80`."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
 def error_response(status: int, code: str, message: str, details: dict | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    body: dict = {"code": code, "message": message}
+    body: dict = {"code": code, "message": _encodable(message)}
     if details:
-        body["details"] = details
+        body["details"] = _encodable(details)
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -39,6 +52,16 @@ _STORE_STATUS = {
 }
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route serves at `path`, sorted."""
+    from api.openapi import http_routes
+
+    routes = getattr(app.state, "route_patterns", None)
+    if routes is None:
+        routes = app.state.route_patterns = [(compile_path(p)[0], methods) for p, methods, _ in http_routes(app)]
+    return sorted({m for pattern, methods in routes if pattern.match(path) for m in methods})
 
 
 def install(app: FastAPI) -> None:
@@ -59,11 +82,17 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_request", f"{first['field']}: {first['problem']}", {"errors": errors})
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException):
+    async def _http(request: Request, exc: HTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-        # a 405 names the methods the path does allow (`Allow`, RFC 9110)
-        return error_response(exc.status_code, code, message, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # `Allow` (RFC 9110) names every method of the path, not only those
+            # of the first route that matched it
+            allowed = allowed_methods(request.app, request.scope["path"])
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed here; use {' or '.join(allowed)}"
+        return error_response(exc.status_code, code, message, headers=headers or None)
 
     async def _unavailable(_: Request, exc: Exception):
         log.warning("store unavailable: %r", exc)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, WithJsonSchema
 
 from api.errors import ApiError
 
@@ -12,6 +12,10 @@ from api.errors import ApiError
 # 64-bit one. Parameters beyond these are refused (422), never sent to SQL.
 MAX_SEQ = 2**31 - 1
 MAX_POSITION = 2**63 - 1
+
+
+# A conversation id in a body: text the route parses as a UUID (422 otherwise).
+UuidText = Annotated[str, WithJsonSchema({"type": "string", "format": "uuid"})]
 
 
 class _Body(BaseModel):
@@ -22,7 +26,7 @@ class _Body(BaseModel):
 
 
 class CreateConversation(_Body):
-    id: str | None = None
+    id: UuidText | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     system: str | None = None
 

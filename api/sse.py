@@ -22,6 +22,18 @@ DONE = b"data: [DONE]\n\n"
 _RESUME = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
 
 
+def _at_most(limit: int) -> str:
+    """A regex for the decimal numbers 0..limit (leading zeros allowed, as
+    many digits as `limit` has at most)."""
+    top = str(limit)
+    tails = [f"{top[:i]}[0-{int(top[i]) - 1}][0-9]{{{len(top) - i - 1}}}" for i in range(len(top)) if top[i] != "0"]
+    return "(?:" + "|".join([f"[0-9]{{1,{len(top) - 1}}}", *tails, top]) + ")"
+
+
+# What `resume_point` accepts, for the API document: empty, `<seq>` or `<seq>:<k>`.
+RESUME_PATTERN = f"^(?:{_at_most(MAX_SEQ)}(?::{_at_most(MAX_SEQ)})?)?$"
+
+
 def retry(ms: int = RETRY_MS) -> bytes:
     return f"retry: {ms}\n\n".encode()
 
@@ -34,12 +46,17 @@ def frame(id_: str, data: dict, event: str | None = None) -> bytes:
 def resume_point(last_event_id: str | None, after: str | None) -> tuple[int, int | None]:
     """(seq, k) to resume after: `Last-Event-ID` wins over `after` (browsers
     resend the original URL on reconnect), else 0. k is None for `<seq>` ids
-    and the chunk index for `<seq>:<k>` ids."""
-    raw = last_event_id if last_event_id not in (None, "") else after
+    and the chunk index for `<seq>:<k>` ids. Both are checked when both come:
+    a garbled `after` is refused even when the header makes it moot."""
+    from_after = _parse(after, "after")
+    from_header = _parse(last_event_id, "Last-Event-ID")
+    return from_header or from_after or (0, None)
+
+
+def _parse(raw: str | None, source: str) -> tuple[int, int | None] | None:
     if raw in (None, ""):
-        return 0, None
-    source = "Last-Event-ID" if last_event_id else "after"
-    match = _RESUME.fullmatch(raw.strip())
+        return None
+    match = _RESUME.fullmatch(raw)
     if match is None:
         shown = raw if len(raw) <= 40 else raw[:40] + "…"
         raise ApiError(422, "invalid_request", f"{source} must be a seq like 12 or a frame id like 12:3, not {shown!r}",

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 
 from fastapi import APIRouter, Query
 
-from api.deps import BodyDep, ConversationIdDep, PrincipalDep, StoreDep, utc
+from api.deps import TIME_TEXT, UUID_TEXT, BodyDep, ConversationIdDep, PrincipalDep, StoreDep, parse_time, parse_uuid
 from api.errors import ApiError
 from api.models import CreateConversation, parse
+from api.openapi import operation
 from api.responses import JSONResponse
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+_TIME_LIKE = re.compile(r"[0-9]{4}-")
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, openapi_extra=operation(CreateConversation, body_required=False,
+                                                            ok={201: "Conversation"}, errors=(409,)))
 async def create_conversation(principal: PrincipalDep, body: BodyDep, store: StoreDep):
     request = parse(CreateConversation, body)
-    try:
-        conversation_id = uuid.UUID(request.id) if request.id is not None else None
-    except ValueError:
-        raise ApiError(422, "invalid_request", "id must be a UUID", field="id") from None
+    conversation_id = parse_uuid(request.id) if request.id is not None else None
+    if request.id is not None and conversation_id is None:
+        raise ApiError(422, "invalid_request", "id must be a UUID", field="id")
     data = {"metadata": request.metadata}
     if request.system is not None:
         data["system"] = request.system
@@ -29,25 +32,24 @@ async def create_conversation(principal: PrincipalDep, body: BodyDep, store: Sto
     return JSONResponse(conversation, status_code=201)
 
 
-@router.get("")
+@router.get("", openapi_extra=operation(ok={200: "ConversationList"}))
 async def list_conversations(principal: PrincipalDep, store: StoreDep,
                              limit: int = Query(50, ge=1, le=200),
-                             before: str | None = Query(None, description="a conversation id or an RFC 3339 time")):
+                             before: str | None = Query(None, description="a conversation id or an RFC 3339 time",
+                                                        json_schema_extra={"anyOf": [UUID_TEXT, TIME_TEXT, {"const": ""}]})):
     cursor: uuid.UUID | datetime | None = None
     if before:
-        try:
-            cursor = uuid.UUID(before)
-        except ValueError:
-            try:
-                cursor = datetime.fromisoformat(before.replace("Z", "+00:00"))
-            except ValueError:
-                raise ApiError(422, "invalid_request", "before must be a conversation id or an RFC 3339 time") from None
-            cursor = utc(cursor, "before")
+        cursor = parse_uuid(before)
+        if cursor is None:
+            if not _TIME_LIKE.match(before):
+                raise ApiError(422, "invalid_request", "before must be a conversation id or an RFC 3339 time",
+                               field="before")
+            cursor = parse_time(before, "before")
     conversations = await store.list_conversations(principal, limit, cursor)
     next_before = conversations[-1]["id"] if len(conversations) == limit else None
     return JSONResponse({"conversations": conversations, "next_before": next_before})
 
 
-@router.get("/{conversation_id}")
+@router.get("/{conversation_id}", openapi_extra=operation(ok={200: "Conversation"}))
 async def get_conversation(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep):
     return JSONResponse(await store.get_conversation(principal, conversation_id))

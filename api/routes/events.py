@@ -10,6 +10,7 @@ import domain
 from api.deps import BodyDep, ConversationIdDep, PrincipalDep, SettingsDep, StoreDep
 from api.errors import ApiError
 from api.models import MAX_SEQ, AppendEvents, EventIn, nul_path, parse
+from api.openapi import operation
 from api.responses import JSONResponse
 from api.settings import Settings
 from projections.compact import compact as compact_events
@@ -65,7 +66,8 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
     return new_events
 
 
-@router.post("/{conversation_id}/events", status_code=201)
+@router.post("/{conversation_id}/events", status_code=201,
+             openapi_extra=operation(AppendEvents, ok={200: "Appended", 201: "Appended"}, errors=(409,)))
 async def append_events(principal: PrincipalDep, conversation_id: ConversationIdDep, body: BodyDep,
                         store: StoreDep, settings: SettingsDep):
     request = parse(AppendEvents, body)
@@ -75,7 +77,7 @@ async def append_events(principal: PrincipalDep, conversation_id: ConversationId
                         status_code=200 if appended.replayed else 201)
 
 
-@router.get("/{conversation_id}/events")
+@router.get("/{conversation_id}/events", openapi_extra=operation(ok={200: "EventPage"}))
 async def read_events(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
                       after: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(1000, ge=1, le=1000),
                       compact: bool = False):

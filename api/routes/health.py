@@ -5,17 +5,18 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from api.errors import error_response
+from api.openapi import operation
 from api.responses import JSONResponse
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", openapi_extra=operation(ok={200: "Status"}))
 async def healthz():
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", openapi_extra=operation(ok={200: "Status"}))
 async def readyz(request: Request):
     try:
         pending = await asyncio.wait_for(request.app.state.store.ready(), timeout=5)

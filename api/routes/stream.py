@@ -13,12 +13,13 @@ import uuid
 from contextlib import aclosing
 from typing import AsyncIterator, Callable, Iterable, Literal
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Query
 from starlette.responses import StreamingResponse
 
 from api import sse
 from api.deps import ConversationIdDep, SettingsDep, StoreDep, StreamPrincipalDep, storable
 from api.errors import ApiError
+from api.openapi import operation
 from projections import ui
 from projections.compact import compact as compact_events
 from store import Store, Unavailable
@@ -30,6 +31,7 @@ router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 UI_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 TURN_ENDS = frozenset({"turn.finished", "turn.cancelled", "turn.failed"})
+RESUME = {"pattern": sse.RESUME_PATTERN, "description": "a seq (12) or a UI frame id (12:3) to resume after"}
 
 
 async def stored_then_live(store: Store, conversation_id: uuid.UUID, after: int, upto: int, follow: bool,
@@ -127,11 +129,11 @@ def _response(body: AsyncIterator[bytes], extra: dict | None = None) -> Streamin
     return StreamingResponse(body, media_type="text/event-stream", headers={**_HEADERS, **(extra or {})})
 
 
-@router.get("/{conversation_id}/stream")
+@router.get("/{conversation_id}/stream", openapi_extra=operation(sse=True))
 async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
-                 settings: SettingsDep, after: str | None = None,
+                 settings: SettingsDep, after: str | None = Query(None, json_schema_extra=RESUME),
                  format: Literal["events", "ui"] = "events", compact: bool = True, follow: bool = True,
-                 last_event_id: str | None = Header(None)):
+                 last_event_id: str | None = Header(None, json_schema_extra=RESUME)):
     resume = sse.resume_point(last_event_id, after)
     current = (await store.get_conversation(principal, conversation_id))["seq"]
     if format == "events":
@@ -146,11 +148,11 @@ async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdD
     return _response(sse_body(batches, UiRenderer(resume, compact, state)), UI_HEADERS)
 
 
-@router.get("/{conversation_id}/turns/{turn_id}/stream")
+@router.get("/{conversation_id}/turns/{turn_id}/stream", openapi_extra=operation(sse=True))
 async def turn_stream(principal: StreamPrincipalDep, conversation_id: ConversationIdDep, turn_id: str,
-                      store: StoreDep, settings: SettingsDep, after: str | None = None,
+                      store: StoreDep, settings: SettingsDep, after: str | None = Query(None, json_schema_extra=RESUME),
                       format: Literal["events", "ui"] = "events", compact: bool = True,
-                      last_event_id: str | None = Header(None)):
+                      last_event_id: str | None = Header(None, json_schema_extra=RESUME)):
     resume = sse.resume_point(last_event_id, after)
     if not storable(turn_id):  # PostgreSQL text cannot hold it, so no turn has that id
         raise ApiError(404, "not_found", f"turn {turn_id!r} was not found in conversation {conversation_id}")

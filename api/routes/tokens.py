@@ -6,13 +6,14 @@ from fastapi import APIRouter, Depends
 
 from api import tokens
 from api.deps import ConversationIdDep, PrincipalDep, SettingsDep, StoreDep, token_key
+from api.openapi import operation
 from api.responses import JSONResponse
 from store.rows import rfc3339
 
 router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
 
-@router.post("/{conversation_id}/stream-token", status_code=201)
+@router.post("/{conversation_id}/stream-token", status_code=201, openapi_extra=operation(ok={201: "StreamToken"}))
 async def stream_token(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
                        settings: SettingsDep, key: bytes = Depends(token_key)):
     await store.get_conversation(principal, conversation_id)  # 404 unless it is yours
