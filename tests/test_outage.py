@@ -388,8 +388,8 @@ async def test_a_pool_all_taken_gives_a_bounded_wait_then_503(running_cluster, s
     """A two-connection pool, and a migration-like lock that blocks every query on `events`
     (a table lock held by another session): the requests that got a connection wait on the
     lock, the others queue for the pool. Every request gets an answer, 2xx or 503
-    store_unavailable: those that could not get a connection within POOL_WAIT_BOUND, those
-    holding one (at most the pool's size) within STATEMENT_BOUND. Never a hang."""
+    store_unavailable, within STATEMENT_BOUND: never a hang. Reads that could not get a
+    connection answer within POOL_WAIT_BOUND (only the pool's size of them may wait longer)."""
     cluster = running_cluster
     url = await cluster.create_database()
     pool_size = 2
@@ -426,9 +426,10 @@ async def test_a_pool_all_taken_gives_a_bounded_wait_then_503(running_cluster, s
             elif seconds > STATEMENT_BOUND:
                 problems.append(f"{name}: answered after {seconds:.2f}s, over the bound of {STATEMENT_BOUND}s")
             refused += not ok
-        waited = sorted(seconds for _, _, seconds, _ in rows if seconds > POOL_WAIT_BOUND)
+        # appends are left out: the group writer may run any number of them in one transaction (one connection)
+        waited = sorted(seconds for name, _, seconds, _ in rows if seconds > POOL_WAIT_BOUND and name != "POST events")
         if len(waited) > pool_size:
-            problems.append(f"{len(waited)} requests took over {POOL_WAIT_BOUND}s ({', '.join(f'{s:.1f}s' for s in waited)}): "
+            problems.append(f"{len(waited)} reads took over {POOL_WAIT_BOUND}s ({', '.join(f'{s:.1f}s' for s in waited)}): "
                             f"more than the {pool_size} that can hold a connection; the others waited for the pool")
         if not refused:
             problems.append("no request was refused: the test did not exhaust the pool")
