@@ -47,43 +47,44 @@ class FoldReader:
     def __init__(self, pool: asyncpg.Pool, fold: Fold, cache_size: int = 256) -> None:
         self._pool = pool
         self._fold_def = fold
-        self._latest: OrderedDict[uuid.UUID, dict] = OrderedDict()
+        self._latest: OrderedDict[tuple[str, uuid.UUID], dict] = OrderedDict()  # by (principal, conversation id)
         self._cache_size = cache_size
         self._writes: set[asyncio.Task] = set()
 
-    async def state_at(self, conversation_id: uuid.UUID, seq: int) -> dict:
+    async def state_at(self, principal: str, conversation_id: uuid.UUID, seq: int) -> dict:
         """The fold state exactly at `seq` (which must exist).
 
         Render it before the next await: the cached state is advanced in
         place by later reads.
         """
-        cached = self._latest.get(conversation_id)
+        key = (principal, conversation_id)
+        cached = self._latest.get(key)
         if cached is not None and cached["seq"] == seq:
-            self._latest.move_to_end(conversation_id)
+            self._latest.move_to_end(key)
             return cached
         if cached is not None and cached["seq"] < seq <= cached["seq"] + SNAPSHOT_EVERY:
             # (a longer gap folds less from the nearest snapshot)
             start = cached["seq"]
-            tail = await self._events(conversation_id, start, seq)
+            tail = await self._events(key, start, seq)
             # another reader may have advanced it while we awaited
             if cached["seq"] == start:
-                return self._fold(conversation_id, cached, tail)
-        state = await self._snapshot_before(conversation_id, seq)
-        state = self._fold(conversation_id, state, await self._events(conversation_id, state["seq"], seq))
-        current = self._latest.get(conversation_id)
+                return self._fold(key, cached, tail)
+        state = await self._snapshot_before(key, seq)
+        state = self._fold(key, state, await self._events(key, state["seq"], seq))
+        current = self._latest.get(key)
         if current is None or current["seq"] < seq:
-            self._latest[conversation_id] = state
-            self._latest.move_to_end(conversation_id)
+            self._latest[key] = state
+            self._latest.move_to_end(key)
             while len(self._latest) > self._cache_size:
                 self._latest.popitem(last=False)
         return state
 
-    async def copy_at(self, conversation_id: uuid.UUID, seq: int) -> dict:
+    async def copy_at(self, principal: str, conversation_id: uuid.UUID, seq: int) -> dict:
         """A private copy of the state at `seq` (0: the initial state), for a
         caller that goes on folding it (the cached one is shared)."""
         if seq == 0:
             return self._fold_def.initial()
-        return self._fold_def.loads(self._fold_def.dumps(await self.state_at(conversation_id, seq)))
+        return self._fold_def.loads(self._fold_def.dumps(await self.state_at(principal, conversation_id, seq)))
 
     def forget(self) -> None:
         self._latest.clear()
@@ -93,13 +94,13 @@ class FoldReader:
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
 
-    def _fold(self, conversation_id: uuid.UUID, state: dict, events: list[dict]) -> dict:
+    def _fold(self, key: tuple[str, uuid.UUID], state: dict, events: list[dict]) -> dict:
         """Fold without awaiting; snapshots passed on the way are saved in the background."""
         fold, snapshots = self._fold_def, []
         for event in events:
             fold.step(state, event)
             if event["seq"] % SNAPSHOT_EVERY == 0:
-                snapshots.append((conversation_id, event["seq"], fold.version, fold.dumps(state)))
+                snapshots.append((*key, event["seq"], fold.version, fold.dumps(state)))
         if snapshots:
             task = asyncio.create_task(self._save(snapshots))
             self._writes.add(task)
@@ -109,18 +110,18 @@ class FoldReader:
     async def _save(self, snapshots: list[tuple]) -> None:
         try:
             await self._pool.executemany(
-                f"""INSERT INTO {self._fold_def.table} (conversation_id, seq, version, state)
-                    VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""", snapshots)
+                f"""INSERT INTO {self._fold_def.table} (principal, conversation_id, seq, version, state)
+                    VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""", snapshots)
         except Exception as exc:  # derived data: a lost snapshot only costs a longer fold later
             log.warning("could not save %d history snapshots: %r", len(snapshots), exc)
 
-    async def _snapshot_before(self, conversation_id: uuid.UUID, seq: int) -> dict:
+    async def _snapshot_before(self, key: tuple[str, uuid.UUID], seq: int) -> dict:
         fold = self._fold_def
         row = await self._pool.fetchrow(
             f"""SELECT seq, state FROM {fold.table}
-                 WHERE conversation_id = $1 AND seq <= $2 AND version = $3
+                 WHERE principal = $1 AND conversation_id = $2 AND version = $4 AND seq <= $3
                  ORDER BY seq DESC LIMIT 1""",
-            conversation_id, seq, fold.version)
+            *key, seq, fold.version)
         if row is not None:
             try:
                 return fold.loads(row["state"])
@@ -128,9 +129,10 @@ class FoldReader:
                 pass
         return fold.initial()
 
-    async def _events(self, conversation_id: uuid.UUID, after: int, upto: int) -> list[dict]:
+    async def _events(self, key: tuple[str, uuid.UUID], after: int, upto: int) -> list[dict]:
         # the fold reads only seq, type and data
         rows = await self._pool.fetch(
-            "SELECT seq, type, data FROM events WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
-            conversation_id, after, upto)
+            """SELECT seq, type, data FROM events
+                WHERE principal = $1 AND conversation_id = $2 AND seq > $3 AND seq <= $4 ORDER BY seq""",
+            *key, after, upto)
         return [dict(r) for r in rows]

@@ -1,6 +1,6 @@
 """Live wake-ups: one LISTEN connection per process, fanned out to local readers.
 
-Every append's transaction sends `NOTIFY chatlog_events '<conversation>:<first>:<last>'`,
+Every append's transaction sends `NOTIFY chatlog_events '<conversation>:<first>:<last>:<principal>'`,
 delivered only at COMMIT, so a wake-up never announces an uncommitted event.
 
 NOTIFY is the fast path, not the only one: a notification is lost whenever
@@ -39,10 +39,12 @@ log = logging.getLogger("chatlog.listener")
 
 CHANNEL = "chatlog_events"
 
-# (conversation_id, after_seq, limit) -> committed events with seq > after_seq, in order
-ReadEvents = Callable[[uuid.UUID, int, int], Awaitable[list[dict]]]
-# conversation ids -> their current seq
-ReadHeads = Callable[[list[uuid.UUID]], Awaitable[dict[uuid.UUID, int]]]
+# A conversation is named by (principal, conversation id): ids are unique per principal.
+Key = tuple[str, uuid.UUID]
+# (key, after_seq, limit) -> committed events with seq > after_seq, in order
+ReadEvents = Callable[[Key, int, int], Awaitable[list[dict]]]
+# keys -> their conversations' current seq
+ReadHeads = Callable[[list[Key]], Awaitable[dict[Key, int]]]
 
 SWEEP_SECONDS = 1.0
 # a reader whose events cannot be fetched for this long is ended (it resumes elsewhere)
@@ -52,8 +54,8 @@ STALL_SECONDS = 2.5
 class Tail:
     """The recent events of one conversation, shared by this process's readers."""
 
-    def __init__(self, conversation_id: uuid.UUID, read: ReadEvents, buffer_size: int) -> None:
-        self.conversation_id = conversation_id
+    def __init__(self, key: Key, read: ReadEvents, buffer_size: int) -> None:
+        self.key = key
         self.readers = 0
         self._read = read
         self._buffer: deque[dict] = deque(maxlen=buffer_size)
@@ -101,7 +103,7 @@ class Tail:
             # announcements that arrive during a read raise _wanted: the loop goes on
             while self._probe or self._wanted > self._fetched:
                 self._probe = False
-                events = await self._read(self.conversation_id, self._fetched, 1000)
+                events = await self._read(self.key, self._fetched, 1000)
                 if not events:
                     break
                 self._buffer.extend(events)
@@ -109,7 +111,7 @@ class Tail:
                 self._wake()
             self.failing_since = None
         except Exception as exc:  # the sweep retries within a second; readers end if it goes on
-            log.warning("tail fetch failed for %s: %r", self.conversation_id, exc)
+            log.warning("tail fetch failed for %s: %r", self.key[1], exc)
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
             self._wake()
@@ -163,7 +165,7 @@ class Listener:
         self._heads = heads
         self._buffer_size = buffer_size
         self._connect_timeout = connect_timeout
-        self.tails: dict[uuid.UUID, Tail] = {}
+        self.tails: dict[Key, Tail] = {}
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
@@ -216,8 +218,8 @@ class Listener:
                 self._wake_all()  # their readers check whether to give up
                 continue
             self._healthy_at = started
-            for conversation_id, head in heads.items():
-                tail = self.tails.get(conversation_id)
+            for key, head in heads.items():
+                tail = self.tails.get(key)
                 if tail is not None:
                     tail.behind(head)
 
@@ -273,12 +275,12 @@ class Listener:
                     return
 
     def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
-        conversation, first, last = payload.split(":")
-        tail = self.tails.get(uuid.UUID(conversation))
+        conversation, first, last, principal = payload.split(":", 3)
+        tail = self.tails.get((principal, uuid.UUID(conversation)))
         if tail is not None:
             tail.announce(int(first), int(last))
 
-    async def follow(self, conversation_id: uuid.UUID, after: int, heartbeat: float) -> AsyncIterator[list[dict]]:
+    async def follow(self, key: Key, after: int, heartbeat: float) -> AsyncIterator[list[dict]]:
         """Committed events after `after`, in order, until the server shuts
         down; an empty list means `heartbeat` seconds passed with nothing new.
         Raises Unavailable when the store has been failing for STALL_SECONDS.
@@ -288,16 +290,16 @@ class Listener:
         """
         if self._task is None:
             raise RuntimeError("the listener was not started")
-        tail = self.tails.get(conversation_id)
+        tail = self.tails.get(key)
         if tail is None:
-            tail = self.tails[conversation_id] = Tail(conversation_id, self._read, self._buffer_size)
+            tail = self.tails[key] = Tail(key, self._read, self._buffer_size)
         tail.join(after)
         try:
             cursor = after
             while not self.closing:
                 events = tail.after(cursor)
                 if events is None:
-                    events = await self._read(conversation_id, cursor, 1000)
+                    events = await self._read(key, cursor, 1000)
                 if events:
                     cursor = events[-1]["seq"]
                     yield events
@@ -310,6 +312,6 @@ class Listener:
                     yield []
         finally:
             tail.readers -= 1
-            if tail.readers == 0 and self.tails.get(conversation_id) is tail:
+            if tail.readers == 0 and self.tails.get(key) is tail:
                 tail.close()
-                del self.tails[conversation_id]
+                del self.tails[key]

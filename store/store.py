@@ -66,13 +66,18 @@ WITH ins AS (
     UPDATE conversations
        SET seq = $9, state = $10, updated_at = greatest(statement_timestamp(), $7),
            open_turn_id = $11, title = coalesce($12, title)
-     WHERE id = $1 AND $10::jsonb IS NOT NULL
+     WHERE principal = $8 AND id = $1 AND $10::jsonb IS NOT NULL
 )
 SELECT seq, position, created_at FROM ins ORDER BY seq
 """
 
 
 _BIG_WRITE = 5000
+
+
+def _lock_key(principal: str, conversation_id: uuid.UUID) -> str:
+    """What the writer orders and advisory-locks a conversation's writes by."""
+    return f"{conversation_id}/{principal}"
 
 
 class Store:
@@ -84,7 +89,7 @@ class Store:
         self.history = FoldReader(self.pool, HISTORY)
         self.ui_states = FoldReader(self.pool, UI)
         # live readers need a LISTEN connection of their own: only with a dsn
-        self.listener = Listener(dsn, self.events_after, self.heads) if dsn else None
+        self.listener = Listener(dsn, self.tail_events, self.heads) if dsn else None
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.0,
@@ -127,7 +132,7 @@ class Store:
                 """INSERT INTO conversations (id, principal, seq, created_at, updated_at, metadata, title,
                                               open_turn_id, state)
                    VALUES ($1, $2, $3, statement_timestamp(), statement_timestamp(), $4, $5, $6, $7)
-                   ON CONFLICT (id) DO NOTHING
+                   ON CONFLICT (principal, id) DO NOTHING
                    RETURNING *""",
                 conversation_id, principal, len(events), data["metadata"], conversation.title,
                 conversation.open_turn_id, state,
@@ -138,7 +143,7 @@ class Store:
             await self._insert(tx, conversation_id, principal, row["created_at"], 1, events, at=row["created_at"])
             return conversation_dict(row)
 
-        return await self.writer.submit(str(conversation_id), len(events), op)
+        return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
 
     async def append(self, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
                      expected_seq: int | None = None) -> Appended:
@@ -154,7 +159,7 @@ class Store:
             )
             if row is None:
                 raise NotFound(f"conversation {conversation_id} was not found")
-            replay = await self._replayed(conn, conversation_id, events)
+            replay = await self._replayed(conn, principal, conversation_id, events)
             if replay is not None:
                 return Appended(replay, max(e["seq"] for e in replay), replayed=True)
             current = row["seq"]
@@ -173,7 +178,7 @@ class Store:
                                         open_turn_id=conversation.open_turn_id)
             return Appended(stored, stored[-1]["seq"], replayed=False)
 
-        return await self.writer.submit(str(conversation_id), len(events), op)
+        return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
 
     async def fork(self, principal: str, source_id: uuid.UUID, at_seq: int,
                    conversation_id: uuid.UUID | None = None, metadata: dict | None = None) -> dict:
@@ -189,7 +194,8 @@ class Store:
                              limit=MAX_EVENTS_PER_TRANSACTION - 1)
         await self.resolve(principal, source_id, at_seq, None)  # 404 / 422 as for /messages
         rows = await self.pool.fetch(
-            "SELECT type, data FROM events WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq", source_id, at_seq)
+            "SELECT type, data FROM events WHERE principal = $1 AND conversation_id = $2 AND seq <= $3 ORDER BY seq",
+            principal, source_id, at_seq)
         source_created = rows[0]["data"]
         data = {"metadata": source_created.get("metadata", {}) if metadata is None else metadata}
         if source_created.get("system") is not None:
@@ -202,7 +208,7 @@ class Store:
             domain.apply(conversation, new.type, new.data)
         return await self._create(principal, conversation_id, data, copies, conversation)
 
-    async def _replayed(self, conn: asyncpg.Connection, conversation_id: uuid.UUID,
+    async def _replayed(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID,
                         events: list[NewEvent]) -> list[dict] | None:
         """The stored events if this batch is a retry of one already written.
 
@@ -212,8 +218,12 @@ class Store:
         if not ids:
             return None
         rows = await conn.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE conversation_id = $1 AND id = ANY($2::text[]) ORDER BY seq",
-            conversation_id, ids,
+            # one unique-index lookup per id (LIMIT 1 keeps the planner from
+            # flattening it into a walk of the whole conversation)
+            f"""SELECT e.* FROM unnest($3::text[]) AS k(id) CROSS JOIN LATERAL (
+                    SELECT {_EVENT_COLUMNS} FROM events
+                     WHERE principal = $1 AND conversation_id = $2 AND id = k.id LIMIT 1) e""",
+            principal, conversation_id, ids,
         )
         if not rows:
             return None
@@ -243,8 +253,8 @@ class Store:
             # a big copy (a fork) may take longer than a statement is allowed
             timeout=None if len(events) < _BIG_WRITE else 60.0,
         )
-        tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}")
-        tx.wrote(conversation_id, seqs[0], rows[0]["position"])
+        tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}:{principal}")
+        tx.wrote(principal, conversation_id, seqs[0], rows[0]["position"])
         moment = rfc3339(rows[0]["created_at"])
         cid = str(conversation_id)
         return [
@@ -286,7 +296,8 @@ class Store:
             f"""SELECT c.seq AS current_seq, e.* FROM conversations c
                 LEFT JOIN LATERAL (
                     SELECT {_EVENT_COLUMNS} FROM events
-                     WHERE conversation_id = c.id AND seq > $3 ORDER BY seq LIMIT $4) e ON true
+                     WHERE principal = c.principal AND conversation_id = c.id AND seq > $3
+                     ORDER BY seq LIMIT $4) e ON true
                 WHERE c.id = $1 AND c.principal = $2""",
             conversation_id, principal, after, limit,
         )
@@ -309,8 +320,8 @@ class Store:
             return at_seq
         if at_time is not None:
             seq = await self.pool.fetchval(
-                "SELECT max(seq) FROM events WHERE conversation_id = $1 AND created_at <= $2",
-                conversation_id, at_time)
+                "SELECT max(seq) FROM events WHERE principal = $1 AND conversation_id = $2 AND created_at <= $3",
+                principal, conversation_id, at_time)
             if seq is None:
                 raise OutOfRange("at_time is before the conversation was created", current_seq=current)
             return seq
@@ -320,20 +331,30 @@ class Store:
                        at_seq: int | None = None, at_time: datetime | None = None) -> dict:
         """GET /messages: the projection exactly as it stood at a seq or moment."""
         seq = await self.resolve(principal, conversation_id, at_seq, at_time)
-        state = await self.history.state_at(conversation_id, seq)
+        state = await self.history.state_at(principal, conversation_id, seq)
         return {"conversation_id": str(conversation_id), **projections.render(state, format)}
 
-    async def events_after(self, conversation_id: uuid.UUID, after: int, limit: int = 1000) -> list[dict]:
+    async def events_after(self, principal: str, conversation_id: uuid.UUID, after: int,
+                           limit: int = 1000) -> list[dict]:
         """Committed events with seq > after, for a caller that already checked access."""
         rows = await self.pool.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            conversation_id, after, limit)
+            f"""SELECT {_EVENT_COLUMNS} FROM events
+                 WHERE principal = $1 AND conversation_id = $2 AND seq > $3 ORDER BY seq LIMIT $4""",
+            principal, conversation_id, after, limit)
         return [event_dict(r) for r in rows]
+
+    async def tail_events(self, key: tuple[str, uuid.UUID], after: int, limit: int) -> list[dict]:
+        return await self.events_after(*key, after, limit)
+
+    def follow(self, principal: str, conversation_id: uuid.UUID, after: int, heartbeat: float):
+        """Live events after `after` (see store/listener.py Listener.follow)."""
+        return self.listener.follow((principal, conversation_id), after, heartbeat)
 
     async def turn_span(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> tuple[int, int | None]:
         """(seq of the turn's turn.started, seq of its closing event or None while open)."""
         rows = await self.pool.fetch(
-            """SELECT e.seq, e.type FROM events e JOIN conversations c ON c.id = e.conversation_id
+            """SELECT e.seq, e.type FROM events e
+                 JOIN conversations c ON c.principal = e.principal AND c.id = e.conversation_id
                 WHERE c.id = $1 AND c.principal = $2 AND e.data->>'turn_id' = $3
                   AND e.type IN ('turn.started', 'turn.finished', 'turn.cancelled', 'turn.failed')
                 ORDER BY e.seq""",
@@ -349,10 +370,13 @@ class Store:
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
 
-    async def heads(self, conversation_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-        """The current seq of each of these conversations (for the listener's sweep)."""
-        rows = await self.pool.fetch("SELECT id, seq FROM conversations WHERE id = ANY($1::uuid[])", conversation_ids)
-        return {r["id"]: r["seq"] for r in rows}
+    async def heads(self, keys: list[tuple[str, uuid.UUID]]) -> dict[tuple[str, uuid.UUID], int]:
+        """The current seq of each of these (principal, conversation id)s (for the listener's sweep)."""
+        rows = await self.pool.fetch(
+            """SELECT c.principal, c.id, c.seq FROM unnest($1::text[], $2::uuid[]) AS k(principal, id)
+                 JOIN conversations c ON c.principal = k.principal AND c.id = k.id""",
+            [k[0] for k in keys], [k[1] for k in keys])
+        return {(r["principal"], r["id"]): r["seq"] for r in rows}
 
     async def secret(self, name: str) -> str:
         value = await self.pool.fetchval("SELECT value FROM secrets WHERE name = $1", name)

@@ -64,16 +64,16 @@ class Transaction:
     conn: asyncpg.Connection
     next_index: int = 0
     notifications: list[str] = field(default_factory=list)
-    witness: tuple[Any, int, int] | None = None  # (conversation_id, seq, position)
+    witness: tuple[str, Any, int, int] | None = None  # (principal, conversation_id, seq, position)
 
     def take_indexes(self, n: int) -> list[int]:
         start = self.next_index
         self.next_index += n
         return list(range(start, start + n))
 
-    def wrote(self, conversation_id: Any, seq: int, position: int) -> None:
+    def wrote(self, principal: str, conversation_id: Any, seq: int, position: int) -> None:
         if self.witness is None:
-            self.witness = (conversation_id, seq, position)
+            self.witness = (principal, conversation_id, seq, position)
 
 
 Op = Callable[[Transaction], Awaitable[Any]]
@@ -91,7 +91,7 @@ class _Request:
 class _CommitUnclear(Exception):
     """COMMIT was sent and no reply came back."""
 
-    def __init__(self, witness: tuple[Any, int, int] | None, cause: BaseException,
+    def __init__(self, witness: tuple[str, Any, int, int] | None, cause: BaseException,
                  outcomes: list[tuple[bool, Any]]) -> None:
         super().__init__(repr(cause))
         self.witness, self.cause, self.outcomes = witness, cause, outcomes
@@ -255,11 +255,11 @@ class GroupWriter:
                 raise _CommitUnclear(tx.witness, cause, outcomes) from cause
         return outcomes
 
-    async def _settle(self, witness: tuple[Any, int, int] | None) -> str:
+    async def _settle(self, witness: tuple[str, Any, int, int] | None) -> str:
         """'committed', 'aborted' or 'unknown' for the group that wrote `witness`."""
         if witness is None:
             return "committed"  # it wrote nothing: its answers hold whatever happened
-        conversation_id, seq, position = witness
+        principal, conversation_id, seq, position = witness
         deadline = time.monotonic() + self._outcome_timeout
         delay = 0.05
         while True:
@@ -270,8 +270,8 @@ class GroupWriter:
                     if status == "committed":
                         # a new statement, so a new snapshot: the commit is visible to it
                         written = await conn.fetchval(
-                            "SELECT position FROM events WHERE conversation_id = $1 AND seq = $2",
-                            conversation_id, seq, timeout=self._pool.acquire_timeout)
+                            "SELECT position FROM events WHERE principal = $1 AND conversation_id = $2 AND seq = $3",
+                            principal, conversation_id, seq, timeout=self._pool.acquire_timeout)
                         return "committed" if written == position else "aborted"
                     if status in ("aborted", None):  # None: older than the status horizon, i.e. not ours
                         return "aborted"

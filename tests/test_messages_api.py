@@ -190,7 +190,7 @@ async def test_served_messages_equal_the_pure_fold_at_any_seq(store, principal, 
         await store.append(principal, cid, [NewEvent(e["type"], e["data"]) for e in events[1:]])
     # jsonb keeps JSON values, not their spelling (1e16 comes back as
     # 10000000000000000): the log holds the same values...
-    stored = await store.events_after(cid, 0, len(events))
+    stored = await store.events_after(principal, cid, 0, len(events))
     assert [(e["type"], e["data"]) for e in stored] == [(e["type"], e["data"]) for e in events]
     # ...and what is served is exactly the pure fold of the log
     seq = data.draw(st.integers(1, len(events)))

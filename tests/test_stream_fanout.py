@@ -12,11 +12,11 @@ from store.listener import Listener
 
 
 async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store, principal):
-    reads: list[tuple[uuid.UUID, int]] = []
+    reads: list[tuple[tuple[str, uuid.UUID], int]] = []
 
-    async def counting_read(conversation_id, after, limit):
-        reads.append((conversation_id, after))
-        return await store.events_after(conversation_id, after, limit)
+    async def counting_read(key, after, limit):
+        reads.append((key, after))
+        return await store.tail_events(key, after, limit)
 
     listener = Listener(database_url, counting_read, store.heads)
     await listener.start()
@@ -26,7 +26,7 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
         received: list[list[int]] = [[] for _ in range(50)]
 
         async def reader(mine: list[int]) -> None:
-            async for events in listener.follow(cid, 2, heartbeat=60):
+            async for events in listener.follow((principal, cid), 2, heartbeat=60):
                 mine.extend(e["seq"] for e in events)
                 if mine and mine[-1] >= 12:
                     return
@@ -51,7 +51,7 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
 
 
 async def test_readers_of_other_conversations_are_not_woken(database_url, store, principal):
-    listener = Listener(database_url, store.events_after, store.heads)
+    listener = Listener(database_url, store.tail_events, store.heads)
     await listener.start()
     try:
         quiet = uuid.UUID((await store.create_conversation(principal))["id"])
@@ -59,7 +59,7 @@ async def test_readers_of_other_conversations_are_not_woken(database_url, store,
         batches = []
 
         async def reader() -> None:
-            async for events in listener.follow(quiet, 1, heartbeat=0.5):
+            async for events in listener.follow((principal, quiet), 1, heartbeat=0.5):
                 batches.append(events)
 
         task = asyncio.create_task(reader())
@@ -81,7 +81,7 @@ async def _until(predicate) -> None:
 async def test_a_reader_gets_commits_whose_notifications_were_lost_within_seconds(database_url, store, principal):
     """NOTIFY is the fast path only: with every notification lost (as while the
     LISTEN connection is down), the once-a-second sweep still delivers."""
-    listener = Listener(database_url, store.events_after, store.heads)
+    listener = Listener(database_url, store.tail_events, store.heads)
     listener._on_notify = lambda *args: None  # every notification lost
     await listener.start()
     try:
@@ -89,7 +89,7 @@ async def test_a_reader_gets_commits_whose_notifications_were_lost_within_second
         got: list[int] = []
 
         async def reader() -> None:
-            async for events in listener.follow(cid, 1, heartbeat=60):
+            async for events in listener.follow((principal, cid), 1, heartbeat=60):
                 got.extend(e["seq"] for e in events)
                 if got and got[-1] >= 4:
                     return
@@ -115,13 +115,13 @@ async def test_a_reader_whose_store_keeps_failing_is_ended_not_left_waiting(data
             raise Unavailable("the event store cannot be reached right now")
         return await store.heads(ids)
 
-    listener = Listener(database_url, store.events_after, heads)
+    listener = Listener(database_url, store.tail_events, heads)
     await listener.start()
     try:
         cid = uuid.UUID((await store.create_conversation(principal))["id"])
 
         async def reader() -> None:
-            async for _ in listener.follow(cid, 1, heartbeat=60):
+            async for _ in listener.follow((principal, cid), 1, heartbeat=60):
                 pass
 
         task = asyncio.create_task(reader())

@@ -42,7 +42,7 @@ async def listen_connections(store) -> int:
 
 
 def our_tails(store, cids: set[uuid.UUID]) -> dict:
-    return {cid: tail for cid, tail in store.listener.tails.items() if cid in cids}
+    return {key[1]: tail for key, tail in store.listener.tails.items() if key[1] in cids}
 
 
 async def test_a_thousand_dropped_streams_leave_nothing_behind(inprocess_server, store):
@@ -122,7 +122,7 @@ async def test_a_thousand_dropped_streams_leave_nothing_behind(inprocess_server,
                 assert set(our_tails(store, ours)) == ours - {uuid.UUID(big)}
             if phase == "mid_catch_up":
                 # they hold the server mid catch-up: none of them has reached the listener
-                assert uuid.UUID(big) not in store.listener.tails
+                assert uuid.UUID(big) not in {key[1] for key in store.listener.tails}
             peak.set()
             await asyncio.wait_for(asyncio.gather(*wave_tasks), 60)
             if writer:
@@ -165,7 +165,7 @@ async def test_a_reader_that_stops_reading_slows_no_one_and_still_gets_everythin
         assert [f.id for f in await slow.frames_until(lambda f: f.id == "3")][-1] == "3"  # then it stops reading
         fast = await RawSSE.connect(inprocess_server.url, path, headers)
         await fast.frames_until(lambda f: f.id == "3")
-        tail = await eventually(lambda: (t := store.listener.tails.get(uuid.UUID(cid))) and t.readers == 2 and t,
+        tail = await eventually(lambda: (t := store.listener.tails.get(("alice", uuid.UUID(cid)))) and t.readers == 2 and t,
                                 "both readers follow the conversation")
 
         # from here, count the reads readers make themselves (the tail keeps its own reference)
@@ -202,4 +202,4 @@ async def test_a_reader_that_stops_reading_slows_no_one_and_still_gets_everythin
     resumed_reads = reader_reads[reads_before_resume:]
     assert any(count for _, count in resumed_reads), \
         "the slow reader fell behind the bounded buffer, so it must have read the store itself"
-    await eventually(lambda: uuid.UUID(cid) not in store.listener.tails, "the tail is gone")
+    await eventually(lambda: uuid.UUID(cid) not in {key[1] for key in store.listener.tails}, "the tail is gone")

@@ -34,19 +34,19 @@ TURN_ENDS = frozenset({"turn.finished", "turn.cancelled", "turn.failed"})
 RESUME = {"pattern": sse.RESUME_PATTERN, "description": "a seq (12) or a UI frame id (12:3) to resume after"}
 
 
-async def stored_then_live(store: Store, conversation_id: uuid.UUID, after: int, upto: int, follow: bool,
-                           heartbeat: float) -> AsyncIterator[tuple[bool, list[dict]]]:
+async def stored_then_live(store: Store, principal: str, conversation_id: uuid.UUID, after: int, upto: int,
+                           follow: bool, heartbeat: float) -> AsyncIterator[tuple[bool, list[dict]]]:
     """(live, events) batches after `after`: the stored ones up to `upto`, then
     (with follow) live ones forever; an empty live batch is a heartbeat."""
     cursor = after
     while cursor < upto:
-        events = await store.events_after(conversation_id, cursor, min(1000, upto - cursor))
+        events = await store.events_after(principal, conversation_id, cursor, min(1000, upto - cursor))
         if not events:
             break
         cursor = events[-1]["seq"]
         yield False, events
     if follow:
-        async with aclosing(store.listener.follow(conversation_id, cursor, heartbeat)) as live:
+        async with aclosing(store.follow(principal, conversation_id, cursor, heartbeat)) as live:
             async for events in live:
                 yield True, events
 
@@ -137,14 +137,15 @@ async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdD
     resume = sse.resume_point(last_event_id, after)
     current = (await store.get_conversation(principal, conversation_id))["seq"]
     if format == "events":
-        batches = stored_then_live(store, conversation_id, resume[0], current, follow, settings.heartbeat_seconds)
+        batches = stored_then_live(store, principal, conversation_id, resume[0], current, follow,
+                                   settings.heartbeat_seconds)
         return _response(sse_body(batches, event_renderer(compact)))
     # ui: resume inside an event's frames, so read from that event itself
     start = max(resume[0] - 1 if resume[1] is not None else resume[0], 0)
     # the translator's state after events 1..start: a late tool result needs its
     # call from an older turn, so it is the whole history's (snapshot + tail)
-    state = await store.ui_states.copy_at(conversation_id, start)
-    batches = stored_then_live(store, conversation_id, start, current, follow, settings.heartbeat_seconds)
+    state = await store.ui_states.copy_at(principal, conversation_id, start)
+    batches = stored_then_live(store, principal, conversation_id, start, current, follow, settings.heartbeat_seconds)
     return _response(sse_body(batches, UiRenderer(resume, compact, state)), UI_HEADERS)
 
 
@@ -162,10 +163,10 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     upto = end if end is not None else (await store.get_conversation(principal, conversation_id))["seq"]
     follow = end is None
     if format == "events":
-        batches = stored_then_live(store, conversation_id, max(resume[0], start - 1), upto, follow,
+        batches = stored_then_live(store, principal, conversation_id, max(resume[0], start - 1), upto, follow,
                                    settings.heartbeat_seconds)
         return _response(sse_body(batches, event_renderer(compact), until_turn=turn_id))
     # ui: the turn's frames come from a fresh translator fed from turn.started
-    batches = stored_then_live(store, conversation_id, start - 1, upto, follow, settings.heartbeat_seconds)
+    batches = stored_then_live(store, principal, conversation_id, start - 1, upto, follow, settings.heartbeat_seconds)
     resume = resume if resume[0] >= start else (start - 1, None)
     return _response(sse_body(batches, UiRenderer(resume, compact, None), until_turn=turn_id), UI_HEADERS)
