@@ -9,9 +9,8 @@ import os
 import signal
 import sys
 
-import asyncpg
-
 from api.settings import Settings
+from store.migrate import migrate_url
 
 log = logging.getLogger("chatlog")
 
@@ -27,22 +26,12 @@ def _start_embedded(settings: Settings) -> str:
     return server.get_uri()
 
 
-async def _migrate(url: str) -> list[str]:
-    from store.migrate import migrate
-
-    conn = await asyncpg.connect(url)
-    try:
-        return await migrate(conn)
-    finally:
-        await conn.close()
-
-
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = Settings()
     url = settings.database_url or _start_embedded(settings)
-    applied = asyncio.run(_migrate(url))
+    applied = asyncio.run(migrate_url(url))
     log.info("migrations applied now: %s", ", ".join(applied) or "none (schema up to date)")
     # Workers are separate processes: they read the URL from the environment.
     os.environ["DATABASE_URL"] = url
@@ -59,7 +48,7 @@ def migrate(_: argparse.Namespace) -> None:
     settings = Settings()
     if not settings.database_url:
         sys.exit("chatlog migrate: set DATABASE_URL to the database to migrate")
-    applied = asyncio.run(_migrate(settings.database_url))
+    applied = asyncio.run(migrate_url(settings.database_url))
     print("applied: " + (", ".join(applied) if applied else "nothing, the schema is up to date"))
 
 

@@ -7,8 +7,10 @@ once (``chatlog serve --workers 4``) apply each file exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from importlib import resources
 
 import asyncpg
@@ -61,6 +63,30 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             done.append(name)
     return done
+
+
+async def migrate_url(url: str, retry_seconds: float = 30.0) -> list[str]:
+    """Connect to `url` and apply what is missing. A server that is starting,
+    restarting or unreachable for a moment is waited for, up to
+    `retry_seconds`: a file whose COMMIT reply was lost is simply checked again
+    on the retry (its row in schema_migrations says whether it was applied)."""
+    from store.pool import CONNECTION_ERRORS
+
+    deadline = time.monotonic() + retry_seconds
+    delay = 0.2
+    while True:
+        try:
+            conn = await asyncpg.connect(url, timeout=5)
+            try:
+                return await migrate(conn)
+            finally:
+                conn.terminate()
+        except CONNECTION_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("cannot migrate yet (%r); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def pending(conn: asyncpg.Connection) -> list[str]:
