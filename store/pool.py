@@ -84,45 +84,30 @@ class Pool:
                 # lost COMMIT reply would look like a failure before COMMIT)
                 pass
 
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def _call(self, method: str, query: str, *args: Any) -> Any:
+        """conn.<method>(query, *args) on a pooled connection, within what is
+        left of the statement budget after the wait for the connection."""
         started = time.monotonic()
         async with self.acquire() as conn:
             try:
-                return await conn.fetch(query, *args, timeout=self._left(started))
+                return await getattr(conn, method)(query, *args, timeout=self._left(started))
             except CONNECTION_ERRORS as exc:
                 raise unavailable(exc) from exc
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call("fetch", query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        started = time.monotonic()
-        async with self.acquire() as conn:
-            try:
-                return await conn.fetchrow(query, *args, timeout=self._left(started))
-            except CONNECTION_ERRORS as exc:
-                raise unavailable(exc) from exc
+        return await self._call("fetchrow", query, *args)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        started = time.monotonic()
-        async with self.acquire() as conn:
-            try:
-                return await conn.fetchval(query, *args, timeout=self._left(started))
-            except CONNECTION_ERRORS as exc:
-                raise unavailable(exc) from exc
+        return await self._call("fetchval", query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        started = time.monotonic()
-        async with self.acquire() as conn:
-            try:
-                return await conn.execute(query, *args, timeout=self._left(started))
-            except CONNECTION_ERRORS as exc:
-                raise unavailable(exc) from exc
+        return await self._call("execute", query, *args)
 
     async def executemany(self, query: str, args: Any) -> None:
-        started = time.monotonic()
-        async with self.acquire() as conn:
-            try:
-                await conn.executemany(query, args, timeout=self._left(started))
-            except CONNECTION_ERRORS as exc:
-                raise unavailable(exc) from exc
+        await self._call("executemany", query, args)
 
     def get_size(self) -> int:
         return self.raw.get_size()
