@@ -227,7 +227,7 @@ def _param_schema(schema: dict) -> dict:
 def _body_schemas() -> dict[str, dict]:
     if not _MODELS:
         return {}
-    mapping, defs = models_json_schema([(m, "validation") for m in _MODELS.values()], ref_template=_REF)
+    _, defs = models_json_schema([(m, "validation") for m in _MODELS.values()], ref_template=_REF)
     schemas = dict(defs.get("$defs", {}))
     events = schemas.get("AppendEvents", {}).get("properties", {}).get("events")
     if events is not None:  # `list[Any]` in the model: each item is checked on its own, as EventIn
