@@ -303,6 +303,10 @@ class Listener:
                 if events:
                     cursor = events[-1]["seq"]
                     yield events
+                    # let the loop run between batches: a reader that hung up
+                    # is cancelled here, instead of having the whole buffer
+                    # rendered for nobody first
+                    await asyncio.sleep(0)
                     continue
                 if self._stalled(tail):
                     raise Unavailable("the event store cannot be read right now; resume with Last-Event-ID")

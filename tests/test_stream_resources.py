@@ -172,9 +172,9 @@ async def test_a_reader_that_stops_reading_slows_no_one_and_still_gets_everythin
         reader_reads: list[tuple[int, int]] = []
         real_read = store.listener._read
 
-        async def counted_read(conversation_id, after, limit):
-            events = await real_read(conversation_id, after, limit)
-            if conversation_id == uuid.UUID(cid):
+        async def counted_read(key, after, limit):
+            events = await real_read(key, after, limit)
+            if key[1] == uuid.UUID(cid):
                 reader_reads.append((after, len(events)))
             return events
 
