@@ -38,6 +38,8 @@ from store.errors import Unavailable
 log = logging.getLogger("chatlog.listener")
 
 CHANNEL = "chatlog_events"
+# how the LISTEN connection shows in pg_stat_activity
+APPLICATION_NAME = "chatlog-listener"
 
 # A conversation is named by (principal, conversation id): ids are unique per principal.
 Key = tuple[str, uuid.UUID]
@@ -239,7 +241,8 @@ class Listener:
         while True:
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
+                conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout,
+                                             server_settings={"application_name": APPLICATION_NAME})
                 conn.add_termination_listener(lambda _: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self._conn, delay = conn, 0.1

@@ -47,7 +47,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_timeout: float = 1.0,
                       command_timeout: float = 1.5) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
-                                     timeout=connect_timeout, command_timeout=command_timeout)
+                                     timeout=connect_timeout, command_timeout=command_timeout,
+                                     server_settings={"application_name": "chatlog"})
 
 
 class Pool:

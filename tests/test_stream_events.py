@@ -270,7 +270,7 @@ async def test_a_lost_listen_connection_loses_no_event(chatlog_servers, store):
                 await asyncio.sleep(0.005)
             terminated.append(await store.pool.fetchval(
                 """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                    WHERE datname = current_database() AND query ILIKE 'LISTEN %' AND pid <> pg_backend_pid()"""))
+                    WHERE datname = current_database() AND application_name = 'chatlog-listener'"""))
 
         await asyncio.wait_for(asyncio.gather(
             writer.run(), terminate_listeners(),
