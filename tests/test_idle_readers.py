@@ -11,32 +11,18 @@ event can still be read.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import httpx
 
 from tests.servers import RawSSE, auth
+from tests.test_stream_resources import assert_nothing_left_behind, eventually, our_tails
 
 pytest_plugins = ("tests.servers",)
 
 CONVERSATIONS = 4
 READERS = 200  # 50 per conversation
 BATCHES = 20  # of 100 events: 500 per conversation, ~230 kB of SSE per reader, far more than a socket holds
-
-
-async def eventually(check, what: str, timeout: float = 20.0):
-    """Wait until check() is truthy (a deadline, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout:.0f}s: {what}")
-        await asyncio.sleep(0.02)
-    return value
-
-
-def our_tails(store, cids: set[uuid.UUID]) -> dict:
-    return {key[1]: tail for key, tail in store.listener.tails.items() if key[1] in cids}
 
 
 async def test_readers_that_never_read_share_bounded_tails_and_leave_nothing_when_they_hang_up(inprocess_server,
@@ -83,16 +69,7 @@ async def test_readers_that_never_read_share_bounded_tails_and_leave_nothing_whe
             for i, reader in enumerate(readers):
                 reader.hang_up(reset=i % 2 == 0)
 
-        await eventually(lambda: not our_tails(store, ours), "every tail is gone")
-        await eventually(lambda: store.pool.get_idle_size() == store.pool.get_size(), "every pooled connection is back")
-
-        def leftover():
-            return [t for t in asyncio.all_tasks() - tasks_before if t is not asyncio.current_task() and not t.done()]
-
-        try:
-            await eventually(lambda: not leftover(), "no task left behind")
-        except AssertionError:
-            raise AssertionError("tasks left behind:\n" + "\n".join(repr(t) for t in leftover()[:20])) from None
+        await assert_nothing_left_behind(store, ours, tasks_before)
 
         # and a reader that does read gets every event of every conversation
         for cid in cids:

@@ -190,6 +190,28 @@ async def writes_settle(client: httpx.AsyncClient, database_url: str, cid: str, 
     return problems
 
 
+async def outage_rounds(client: httpx.AsyncClient, cid: str, label: str, posts: list) -> list[str]:
+    """Two rounds of every request while the store is out (appends go to `posts`), then /healthz."""
+    problems = []
+    for attempt in (1, 2):
+        found, rows = await unavailable_round(client, cid, f"{label}, round {attempt}")
+        problems += found
+        posts += [row for row in rows if row[0] == "POST events"]
+    health, seconds = await timed(client, "GET", "/healthz")
+    if isinstance(health, str) or health.status_code != 200 or seconds > UNAVAILABLE_WITHIN:
+        problems.append(f"{label}: /healthz answered {health} after {seconds:.2f}s, not 200")
+    return problems
+
+
+async def recovery(client: httpx.AsyncClient, cid: str, label: str) -> list[str]:
+    recovered, rows = await wait_for_recovery(client, cid, RECOVERED_WITHIN)
+    print(f"\n{label}, everything answered again after "
+          f"{'never' if recovered is None else f'{recovered:.2f}s'}:\n{table(rows)}")
+    if recovered is None:
+        return [f"{label}: not recovered within {RECOVERED_WITHIN}s:\n{table(rows)}"]
+    return []
+
+
 # -- PostgreSQL stopped ------------------------------------------------------------------
 
 
@@ -207,21 +229,10 @@ async def test_with_postgresql_stopped_requests_are_503_within_2s_and_recover_by
             await cluster.stop(mode)
             try:
                 # the first round meets the pool's dead connections, the second new connection attempts
-                for attempt in (1, 2):
-                    found, rows = await unavailable_round(client, cid, f"stopped ({mode}), round {attempt}")
-                    problems += found
-                    posts += [row for row in rows if row[0] == "POST events"]
-                health, seconds = await timed(client, "GET", "/healthz")
-                if isinstance(health, str) or health.status_code != 200 or seconds > UNAVAILABLE_WITHIN:
-                    problems.append(f"stopped ({mode}): /healthz answered {health} after {seconds:.2f}s, not 200")
+                problems += await outage_rounds(client, cid, f"stopped ({mode})", posts)
             finally:
                 await cluster.start()
-            recovered, rows = await wait_for_recovery(client, cid, RECOVERED_WITHIN)
-            print(f"\nafter the {mode} stop, everything answered again after "
-                  f"{'never' if recovered is None else f'{recovered:.2f}s'}:\n{table(rows)}")
-            if recovered is None:
-                problems.append(f"after the {mode} stop: not recovered {RECOVERED_WITHIN}s after PostgreSQL "
-                                f"came back:\n{table(rows)}")
+            problems += await recovery(client, cid, f"after the {mode} stop")
         problems += await writes_settle(client, url, cid, posts)
     assert not problems, "\n".join(problems)
 
@@ -244,20 +255,10 @@ async def test_with_postgresql_not_answering_requests_are_503_within_2s_and_reco
             assert r.status_code == 201, r.text
             proxy.pause()
             try:
-                for attempt in (1, 2):
-                    found, rows = await unavailable_round(client, cid, f"not answering, round {attempt}")
-                    problems += found
-                    posts += [row for row in rows if row[0] == "POST events"]
-                health, seconds = await timed(client, "GET", "/healthz")
-                if isinstance(health, str) or health.status_code != 200 or seconds > UNAVAILABLE_WITHIN:
-                    problems.append(f"not answering: /healthz answered {health} after {seconds:.2f}s, not 200")
+                problems += await outage_rounds(client, cid, "not answering", posts)
             finally:
                 proxy.resume()
-            recovered, rows = await wait_for_recovery(client, cid, RECOVERED_WITHIN)
-            print(f"\nafter the store answered again, everything answered after "
-                  f"{'never' if recovered is None else f'{recovered:.2f}s'}:\n{table(rows)}")
-            if recovered is None:
-                problems.append(f"not recovered {RECOVERED_WITHIN}s after the store answered again:\n{table(rows)}")
+            problems += await recovery(client, cid, "after the store answered again")
             problems += await writes_settle(client, url, cid, posts)
     finally:
         proxy.close_thread()

@@ -38,11 +38,26 @@ async def eventually(check, what: str, timeout: float = 20.0):
 async def listen_connections(store) -> int:
     """LISTEN connections on this run's database (every process's listener)."""
     return await store.pool.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN %'")
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'chatlog-listener'")
 
 
 def our_tails(store, cids: set[uuid.UUID]) -> dict:
     return {key[1]: tail for key, tail in store.listener.tails.items() if key[1] in cids}
+
+
+async def assert_nothing_left_behind(store, cids: set[uuid.UUID], tasks_before: set) -> None:
+    """No tail of these conversations, no pooled connection out, no task left over."""
+    await eventually(lambda: not our_tails(store, cids), "every tail is gone")
+    await eventually(lambda: store.pool.get_idle_size() == store.pool.get_size(), "every pooled connection is back")
+
+    def leftover():
+        return [t for t in asyncio.all_tasks() - tasks_before if t is not asyncio.current_task() and not t.done()]
+
+    try:
+        await eventually(lambda: not leftover(), "no task left behind")
+    except AssertionError:
+        raise AssertionError("tasks left behind:\n" + "\n".join(repr(t) for t in leftover()[:20])) from None
 
 
 async def test_a_thousand_dropped_streams_leave_nothing_behind(inprocess_server, store):
@@ -130,16 +145,7 @@ async def test_a_thousand_dropped_streams_leave_nothing_behind(inprocess_server,
                 await writer
         assert opened == STREAMS
 
-    await eventually(lambda: not our_tails(store, ours), "every tail is gone")
-    await eventually(lambda: store.pool.get_idle_size() == store.pool.get_size(), "every pooled connection is back")
-
-    def leftover():
-        return [t for t in asyncio.all_tasks() - tasks_before if t is not asyncio.current_task() and not t.done()]
-
-    try:
-        await eventually(lambda: not leftover(), "no task left behind")
-    except AssertionError:
-        raise AssertionError("tasks left behind:\n" + "\n".join(repr(t) for t in leftover()[:20])) from None
+    await assert_nothing_left_behind(store, ours, tasks_before)
     assert await listen_connections(store) == listens_before
     assert store.listener._conn is listener_conn and not listener_conn.is_closed(), "the listener reconnected"
 
