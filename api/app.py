@@ -66,7 +66,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         else:
             app.state.store = store
             restore_signals = lambda: None  # noqa: E731
-        logging.getLogger("uvicorn.access").addFilter(redact_tokens)
+        access = logging.getLogger("uvicorn.access")
+        if redact_tokens not in access.filters:  # once per process, however many apps start
+            access.addFilter(redact_tokens)
         if not principals:
             log.warning("=" * 72)
             log.warning("OPEN MODE: CHATLOG_API_KEYS is not set. Anyone who can reach this server can")
