@@ -5,13 +5,19 @@ Each command method decorated with `@event(...)` is its own event's mutator
 before any state changes, so a refused event leaves the aggregate as it was.
 The aggregate's version is the conversation's `seq`.
 
-State is kept small on purpose: the store saves it with every append so that
-appending to a long conversation never re-reads its events. Finished tool calls
-keep only their status; argument text is held only while a call is open.
+The state the store saves with every append (`to_state`) is bounded by what
+is live: the open turn, the tool calls still waiting for their final result,
+argument text only while a call is open. So appending to a long conversation
+never re-reads its events and never rewrites its history. The rules that need
+the whole history (a turn id or tool-call id used before, a call that already
+has its final result) get the facts for just the ids a batch names (`Known`),
+which the store reads with one index probe per id and the database's unique
+indexes guarantee.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +29,23 @@ from domain.errors import RuleBroken
 # Tool call lifecycle. "abandoned": its turn closed before it completed, so it
 # can never complete (and the projections drop it).
 STARTED, COMPLETED, FINAL, ABANDONED = "started", "completed", "final", "abandoned"
+# Calls in these states still take events: they are live, and saved.
+LIVE = (STARTED, COMPLETED)
+
+
+@dataclass(frozen=True)
+class Known:
+    """Facts from a conversation's history about the ids one batch names."""
+
+    turn_ids: frozenset[str] = frozenset()  # turn ids already used
+    calls: dict[str, str] = field(default_factory=dict)  # past (not live) calls: id -> FINAL or ABANDONED
+
+
+def ids_named(events: list[tuple[str, dict]]) -> tuple[list[str], list[str]]:
+    """(turn ids, tool-call ids) a batch names, for which the store reads `Known`."""
+    turns = sorted({d["turn_id"] for t, d in events if t == "turn.started"})
+    calls = sorted({d["tool_call_id"] for t, d in events if "tool_call_id" in d})
+    return turns, calls
 
 
 class Conversation(Aggregate):
@@ -207,27 +230,36 @@ def replay(conversation_id: UUID, events: list[tuple[str, dict]]) -> Conversatio
 # transaction as each append, so checking a batch costs one small read.
 
 def to_state(conversation: Conversation) -> dict:
+    """What the store saves: only what is live (see the module's docstring)."""
     return {
         "open_turn_id": conversation.open_turn_id,
-        "turn_ids": sorted(conversation.turn_ids),
-        "calls": conversation.calls,
+        "calls": {c: v for c, v in conversation.calls.items() if v[1] in LIVE},
         "call_args": conversation.call_args,
         "title": conversation.title,
     }
 
 
-def from_state(conversation_id: UUID, seq: int, state: dict) -> Conversation:
+def from_state(conversation_id: UUID, seq: int, state: dict, known: Known = Known()) -> Conversation:
+    """The aggregate at `seq` from its saved state, plus the history facts a batch needs.
+
+    Built as the eventsourcing library builds an aggregate from a snapshot
+    (`Aggregate.Snapshot`, public API); the library's own snapshot store is
+    not used because the state lives in the conversation's row, written in
+    the append's own transaction.
+    """
+    calls = {c: list(v) for c, v in state["calls"].items()}
+    for call_id, status in known.calls.items():
+        calls.setdefault(call_id, [None, status])
+    turn_ids = set(known.turn_ids) | ({state["open_turn_id"]} if state["open_turn_id"] else set())
     snapshot = Conversation.Snapshot(
         originator_id=conversation_id,
         originator_version=seq,
         timestamp=Conversation.Snapshot.create_timestamp(),
         topic=f"{Conversation.__module__}:{Conversation.__qualname__}",
         state={
-            "_created_on": None,
-            "_modified_on": None,
             "open_turn_id": state["open_turn_id"],
-            "turn_ids": set(state["turn_ids"]),
-            "calls": {k: list(v) for k, v in state["calls"].items()},
+            "turn_ids": turn_ids,
+            "calls": calls,
             "call_args": {k: list(v) for k, v in state["call_args"].items()},
             "title": state["title"],
         },

@@ -74,6 +74,27 @@ SELECT seq, position, created_at FROM ins ORDER BY seq
 
 _BIG_WRITE = 5000
 
+# A turn's bounds, spelled as literals so the planner matches migration 003's partial index.
+_TURN_BOUNDS = "(" + ", ".join(f"'{t}'" for t in ("turn.started", *sorted(domain.TURN_ENDS))) + ")"
+
+# Which of these turn ids were used, and which of these tool calls exist (not
+# live, so finished or abandoned) and whether each has its final result; each
+# EXISTS is one probe of a partial unique index (migrations/008).
+_KNOWN = """
+SELECT 'turn' AS kind, k.id, NULL::boolean AS final
+  FROM unnest($3::text[]) AS k(id)
+ WHERE EXISTS (SELECT 1 FROM events e WHERE e.principal = $1 AND e.conversation_id = $2
+                  AND e.type = 'turn.started' AND e.data ->> 'turn_id' = k.id)
+UNION ALL
+SELECT 'call', k.id,
+       EXISTS (SELECT 1 FROM events e WHERE e.principal = $1 AND e.conversation_id = $2
+                  AND e.type = 'tool.result' AND (e.data ->> 'status') <> 'pending'
+                  AND e.data ->> 'tool_call_id' = k.id)
+  FROM unnest($4::text[]) AS k(id)
+ WHERE EXISTS (SELECT 1 FROM events e WHERE e.principal = $1 AND e.conversation_id = $2
+                  AND e.type = 'tool_call.started' AND e.data ->> 'tool_call_id' = k.id)
+"""
+
 
 def _lock_key(principal: str, conversation_id: uuid.UUID) -> str:
     """What the writer orders and advisory-locks a conversation's writes by."""
@@ -166,7 +187,8 @@ class Store:
             if expected_seq is not None and expected_seq != current:
                 raise SeqConflict(f"expected_seq is {expected_seq} but the conversation is at seq {current}",
                                   current_seq=current)
-            conversation = domain.from_state(conversation_id, current, row["state"])
+            known = await self._known(conn, principal, conversation_id, row["state"], events)
+            conversation = domain.from_state(conversation_id, current, row["state"], known)
             for index, new in enumerate(events):
                 try:
                     domain.apply(conversation, new.type, new.data)
@@ -207,6 +229,19 @@ class Store:
         for new in copies:
             domain.apply(conversation, new.type, new.data)
         return await self._create(principal, conversation_id, data, copies, conversation)
+
+    async def _known(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID, state: dict,
+                     events: list[NewEvent]) -> domain.Known:
+        """History facts for the ids this batch names that the saved state does
+        not hold: one probe of migration 008's unique indexes per id."""
+        turns, calls = domain.ids_named([(e.type, e.data) for e in events])
+        calls = [c for c in calls if c not in state["calls"]]
+        if not turns and not calls:
+            return domain.Known()
+        rows = await conn.fetch(_KNOWN, principal, conversation_id, turns, calls)
+        return domain.Known(
+            turn_ids=frozenset(r["id"] for r in rows if r["kind"] == "turn"),
+            calls={r["id"]: domain.FINAL if r["final"] else domain.ABANDONED for r in rows if r["kind"] == "call"})
 
     async def _replayed(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID,
                         events: list[NewEvent]) -> list[dict] | None:
@@ -353,10 +388,10 @@ class Store:
     async def turn_span(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> tuple[int, int | None]:
         """(seq of the turn's turn.started, seq of its closing event or None while open)."""
         rows = await self.pool.fetch(
-            """SELECT e.seq, e.type FROM events e
+            f"""SELECT e.seq, e.type FROM events e
                  JOIN conversations c ON c.principal = e.principal AND c.id = e.conversation_id
                 WHERE c.id = $1 AND c.principal = $2 AND e.data->>'turn_id' = $3
-                  AND e.type IN ('turn.started', 'turn.finished', 'turn.cancelled', 'turn.failed')
+                  AND e.type IN {_TURN_BOUNDS}
                 ORDER BY e.seq""",
             conversation_id, principal, turn_id)
         if not rows or rows[0]["type"] != "turn.started":

@@ -126,3 +126,50 @@ def test_generated_data_passes_the_schema_unchanged(events):
 def test_wrong_shapes_are_refused_by_the_schema(type_, data):
     with pytest.raises(domain.InvalidData):
         domain.check_data(type_, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_sequences_with_one_invalid(max_events=60), st.data())
+def test_saved_state_plus_the_known_facts_refuses_exactly_what_a_replay_refuses(case, data):
+    """The store saves only what is live and reads, for each batch, the history
+    facts of the ids it names (domain.Known): that must refuse the same event,
+    for the same rule, as folding the whole history."""
+    events, bad = case
+    if bad == 0:
+        return
+    split = data.draw(st.integers(1, bad))
+    head = start(events)
+    for event in events[1:split]:
+        domain.apply(head, event["type"], event["data"])
+    saved = domain.to_state(head)
+    batch = events[split:bad + 1]
+    turns, calls = domain.ids_named([(e["type"], e["data"]) for e in batch])
+    # what the store's index probes answer, here taken from the full fold
+    known = domain.Known(turn_ids=frozenset(set(turns) & head.turn_ids),
+                         calls={c: head.calls[c][1] for c in calls if c in head.calls and c not in saved["calls"]})
+    resumed = domain.from_state(CID, head.version, saved, known)
+    for event in batch[:-1]:
+        domain.apply(resumed, event["type"], event["data"])
+    with pytest.raises(domain.RuleBroken) as refused:
+        domain.apply(resumed, batch[-1]["type"], batch[-1]["data"])
+    replayed = start(events)
+    for event in events[1:bad]:
+        domain.apply(replayed, event["type"], event["data"])
+    with pytest.raises(domain.RuleBroken) as expected:
+        domain.apply(replayed, events[bad]["type"], events[bad]["data"])
+    assert refused.value.rule == expected.value.rule
+
+
+def test_the_saved_state_holds_only_what_is_live():
+    conversation = domain.create(CID, {"metadata": {}})
+    for n in range(50):
+        for type_, data in [("turn.started", {"turn_id": f"t{n}"}),
+                            ("tool_call.started", {"turn_id": f"t{n}", "tool_call_id": f"c{n}", "name": "f"}),
+                            ("tool_call.completed", {"tool_call_id": f"c{n}", "arguments": "{}"}),
+                            ("turn.finished", {"turn_id": f"t{n}", "finish_reason": "tool_calls"}),
+                            ("tool.result", {"tool_call_id": f"c{n}", "content": "ok", "status": "ok"})]:
+            domain.apply(conversation, type_, data)
+    domain.apply(conversation, "turn.started", {"turn_id": "live"})
+    domain.apply(conversation, "tool_call.started", {"turn_id": "live", "tool_call_id": "open", "name": "f"})
+    assert domain.to_state(conversation) == {"open_turn_id": "live", "calls": {"open": ["live", "started"]},
+                                             "call_args": {"open": []}, "title": None}

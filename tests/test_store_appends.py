@@ -424,3 +424,59 @@ async def test_appending_to_a_conversation_with_100000_events_reads_none_of_its_
     finally:
         await store.close()
         await admin.close()
+
+
+def tool_turn(n: int) -> list[NewEvent]:
+    """A finished turn with one answered tool call (5 events)."""
+    t, c = f"t{n}", f"call-{n}"
+    return [NewEvent("turn.started", {"turn_id": t}),
+            NewEvent("tool_call.started", {"turn_id": t, "tool_call_id": c, "name": "lookup"}),
+            NewEvent("tool_call.completed", {"tool_call_id": c, "arguments": '{"q": 1}'}),
+            NewEvent("turn.finished", {"turn_id": t, "finish_reason": "tool_calls"}),
+            NewEvent("tool.result", {"tool_call_id": c, "content": {"n": n}, "status": "ok"})]
+
+
+async def test_the_saved_state_of_2000_finished_tool_turns_is_as_small_as_a_new_conversations(store, principal):
+    """The state rewritten with every append holds only what is live, so an append
+    to a long agent loop writes about as much as one to a new conversation; the
+    rules that need the whole history still hold (unique indexes, probed per id)."""
+    long = await new_conversation(store, principal)
+    for start in range(0, 2000, 200):
+        await store.append(principal, long, [e for n in range(start, start + 200) for e in tool_turn(n)])
+    new = await new_conversation(store, principal)
+    await store.append(principal, new, tool_turn(0))
+
+    async def state_bytes(cid: uuid.UUID) -> int:
+        return await store.pool.fetchval(
+            "SELECT pg_column_size(state) FROM conversations WHERE principal = $1 AND id = $2", principal, cid)
+
+    assert (await store.get_conversation(principal, long))["seq"] == 10_001
+    assert await state_bytes(long) == await state_bytes(new)
+
+    # history rules on the long conversation, refused as before
+    refusals = [
+        ([NewEvent("turn.started", {"turn_id": "t7"})], "turn_id_unique"),
+        ([NewEvent("turn.started", {"turn_id": "new"}),
+          NewEvent("tool_call.started", {"turn_id": "new", "tool_call_id": "call-3", "name": "f"})],
+         "tool_call_id_unique"),
+        ([NewEvent("tool.result", {"tool_call_id": "call-5", "content": "again", "status": "ok"})], "one_final_result"),
+        ([NewEvent("tool.result", {"tool_call_id": "call-5", "content": "late", "status": "pending"})],
+         "one_final_result"),
+        ([NewEvent("tool_call.delta", {"tool_call_id": "call-9", "text": "x"})], "needs_started_call"),
+        ([NewEvent("tool.result", {"tool_call_id": "never", "content": "x", "status": "ok"})],
+         "result_needs_completed_call"),
+    ]
+    for batch, rule in refusals:
+        with pytest.raises(InvalidEvent) as refused:
+            await store.append(principal, long, batch)
+        assert refused.value.details["rule"] == rule, (batch, refused.value.details)
+    assert (await store.get_conversation(principal, long))["seq"] == 10_001, "nothing of a refused batch is written"
+    # and a turn that is still live keeps its calls across appends
+    await store.append(principal, long, [NewEvent("turn.started", {"turn_id": "live"}),
+                                         NewEvent("tool_call.started", {"turn_id": "live", "tool_call_id": "x",
+                                                                        "name": "f"})])
+    await store.append(principal, long, [NewEvent("tool_call.completed", {"tool_call_id": "x", "arguments": "{}"}),
+                                         NewEvent("turn.finished", {"turn_id": "live", "finish_reason": "tool_calls"})])
+    await store.append(principal, long, [NewEvent("tool.result", {"tool_call_id": "x", "content": 1, "status": "pending"})])
+    await store.append(principal, long, [NewEvent("tool.result", {"tool_call_id": "x", "content": 2, "status": "ok"})])
+    assert await state_bytes(long) == await state_bytes(new)
