@@ -8,6 +8,7 @@ silently and then break a projection later.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
@@ -107,22 +108,39 @@ class ConversationTitled(_Data):
     title: str
 
 
-SCHEMAS: dict[str, type[_Data]] = {
-    "conversation.created": ConversationCreated,
-    "message.user": UserMessage,
-    "message.system": SystemMessage,
-    "turn.started": TurnStarted,
-    "text.delta": TextDelta,
-    "reasoning.delta": ReasoningDelta,
-    "tool_call.started": ToolCallStarted,
-    "tool_call.delta": ToolCallDelta,
-    "tool_call.completed": ToolCallCompleted,
-    "tool.result": ToolResult,
-    "turn.finished": TurnFinished,
-    "turn.cancelled": TurnCancelled,
-    "turn.failed": TurnFailed,
-    "conversation.titled": ConversationTitled,
-}
+@dataclass(frozen=True)
+class EventType:
+    """One entry of the event vocabulary: everything the domain, the
+    projections, compaction and the store need to know about a type besides
+    its rule (domain/conversation.py COMMANDS) and its projection handlers."""
+
+    name: str
+    data: type[_Data]  # the shape of its `data`
+    merges_by: str | None = None  # a delta: consecutive ones with the same value of this field merge
+    closes_turn: bool = False  # ends the open turn
+
+
+VOCABULARY: dict[str, EventType] = {t.name: t for t in (
+    EventType("conversation.created", ConversationCreated),
+    EventType("message.user", UserMessage),
+    EventType("message.system", SystemMessage),
+    EventType("turn.started", TurnStarted),
+    EventType("text.delta", TextDelta, merges_by="turn_id"),
+    EventType("reasoning.delta", ReasoningDelta, merges_by="turn_id"),
+    EventType("tool_call.started", ToolCallStarted),
+    EventType("tool_call.delta", ToolCallDelta, merges_by="tool_call_id"),
+    EventType("tool_call.completed", ToolCallCompleted),
+    EventType("tool.result", ToolResult),
+    EventType("turn.finished", TurnFinished, closes_turn=True),
+    EventType("turn.cancelled", TurnCancelled, closes_turn=True),
+    EventType("turn.failed", TurnFailed, closes_turn=True),
+    EventType("conversation.titled", ConversationTitled),
+)}
+
+SCHEMAS: dict[str, type[_Data]] = {name: t.data for name, t in VOCABULARY.items()}
+# delta type -> the data field naming the stream its run belongs to (compaction)
+DELTAS: dict[str, str] = {name: t.merges_by for name, t in VOCABULARY.items() if t.merges_by}
+TURN_ENDS: frozenset[str] = frozenset(name for name, t in VOCABULARY.items() if t.closes_turn)
 
 EVENT_TYPES = tuple(SCHEMAS)
 

@@ -6,8 +6,7 @@ pass over the events and each run's text is joined once.
 
 from __future__ import annotations
 
-# Delta type -> the data field naming the stream its run belongs to.
-_RUN_FIELD = {"text.delta": "turn_id", "reasoning.delta": "turn_id", "tool_call.delta": "tool_call_id"}
+from domain.schemas import DELTAS as _RUN_FIELD  # delta type -> the field naming its run's stream
 
 
 def compact(events: list[dict]) -> list[dict]:

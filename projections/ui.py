@@ -44,11 +44,11 @@ from typing import Iterable
 
 import orjson
 
+from domain.schemas import TURN_ENDS
 from projections.compact import compact
 
 # Bump when the state's shape or meaning changes: older snapshots are then refused.
 VERSION = 1
-TURN_ENDS = ("turn.finished", "turn.cancelled", "turn.failed")
 # The SDK's FinishReason spellings.
 _FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter"}
 _DELTAS = ("text.delta", "reasoning.delta", "tool_call.delta")

@@ -30,7 +30,6 @@ router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 UI_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
-TURN_ENDS = frozenset({"turn.finished", "turn.cancelled", "turn.failed"})
 RESUME = {"pattern": sse.RESUME_PATTERN, "description": "a seq (12) or a UI frame id (12:3) to resume after"}
 
 
@@ -114,7 +113,7 @@ class UiRenderer:
 
 
 def _ends_turn(event: dict, turn_id: str) -> bool:
-    return event["type"] in TURN_ENDS and event["data"]["turn_id"] == turn_id
+    return ui.is_turn_end(event) and event["data"]["turn_id"] == turn_id
 
 
 def _through_turn_end(events: list[dict], turn_id: str) -> list[dict]:
