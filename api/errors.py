@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
 from api.responses import JSONResponse
+from domain.schemas import problems
 from store import errors as store_errors
+from store.pool import CONNECTION_ERRORS
 
 log = logging.getLogger("chatlog.api")
 
@@ -76,8 +77,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        errors = [{"field": ".".join(str(p) for p in e["loc"][1:]) or e["loc"][0], "problem": e["msg"]}
-                  for e in exc.errors()]
+        errors = problems(exc, skip=1)
         first = errors[0]
         return error_response(422, "invalid_request", f"{first['field']}: {first['problem']}", {"errors": errors})
 
@@ -98,8 +98,9 @@ def install(app: FastAPI) -> None:
         log.warning("store unavailable: %r", exc)
         return error_response(503, "store_unavailable", "the event store cannot be reached right now; retry shortly")
 
-    for unavailable in (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-                        asyncpg.TooManyConnectionsError, asyncpg.InterfaceError, OSError, TimeoutError):
+    # the store turns these into Unavailable itself; this is the safety net
+    # for a path that lets one through (never a 500 for a store that went away)
+    for unavailable in CONNECTION_ERRORS:
         app.add_exception_handler(unavailable, _unavailable)
 
     @app.exception_handler(Exception)

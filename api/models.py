@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, WithJsonSchema
 
 from api.errors import ApiError
+from domain.schemas import problems
 
 # What the store's columns can hold: a seq is a 32-bit integer, a position a
 # 64-bit one. Parameters beyond these are refused (422), never sent to SQL.
@@ -74,8 +75,7 @@ def parse(model: type[_Body], body: Any) -> Any:
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
-        errors = [{"field": field_name(e["loc"]), "problem": e["msg"]}
-                  for e in exc.errors(include_url=False, include_input=False)]
+        errors = problems(exc)
         first = errors[0]
         raise ApiError(422, "invalid_request", f"{first['field']}: {first['problem']}", errors=errors) from None
     where = nul_path({k: v for k, v in body.items() if k not in model.nul_checked_elsewhere})

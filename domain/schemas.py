@@ -145,6 +145,17 @@ TURN_ENDS: frozenset[str] = frozenset(name for name, t in VOCABULARY.items() if 
 EVENT_TYPES = tuple(SCHEMAS)
 
 
+def problems(exc: Any, skip: int = 0) -> list[dict[str, str]]:
+    """A pydantic (or FastAPI request) validation error as every error answer
+    lists it: [{"field", "problem"}]. `skip` drops leading location parts
+    (FastAPI's "query", "path"...)."""
+    errors = exc.errors(include_url=False, include_input=False) if isinstance(exc, ValidationError) else exc.errors()
+    return [{"field": ".".join(str(p).replace("\x00", "\\u0000") for p in e["loc"][skip:])
+                      or ".".join(str(p) for p in e["loc"][:skip]),
+             "problem": e["msg"]}
+            for e in errors]
+
+
 class InvalidData(ValueError):
     """The data does not have the shape its event type requires."""
 
@@ -167,10 +178,7 @@ def check_data(type_: str, data: Any) -> dict[str, Any]:
     try:
         model = schema.model_validate(data)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
+        errors = problems(exc)
         first = errors[0]
         raise InvalidData(
             f"data of {type_} is not valid: {first['field'] or 'data'}: {first['problem']}", errors

@@ -29,7 +29,16 @@ class IdempotencyConflict(StoreError):
 
 
 class InvalidEvent(StoreError):
+    """One event of a batch breaks a rule (its shape, or the domain's); nothing of the batch is written."""
+
     code = "invalid_event"
+
+    @classmethod
+    def at(cls, index: int, type_: str | None, rule: str, message: str, **details) -> "InvalidEvent":
+        """The one way an `invalid_event` answer is built (API checks and store rules alike)."""
+        where = f"event {index} ({type_})" if type_ else f"event {index}"
+        extra = {"type": type_} if type_ else {}
+        return cls(f"{where} breaks a rule: {message}", index=index, rule=rule, **extra, **details)
 
 
 class Unavailable(StoreError):

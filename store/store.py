@@ -193,8 +193,7 @@ class Store:
                 try:
                     domain.apply(conversation, new.type, new.data)
                 except domain.RuleBroken as broken:
-                    raise InvalidEvent(f"event {index} ({new.type}) breaks a rule: {broken.message}",
-                                       index=index, rule=broken.rule, type=new.type) from None
+                    raise InvalidEvent.at(index, new.type, broken.rule, broken.message) from None
             stored = await self._insert(tx, conversation_id, principal, row["updated_at"], current + 1, events,
                                         state=domain.to_state(conversation),
                                         open_turn_id=conversation.open_turn_id)

@@ -13,14 +13,11 @@ from api.models import MAX_SEQ, AppendEvents, EventIn, nul_path, parse
 from api.openapi import operation
 from api.responses import JSONResponse
 from api.settings import Settings
+from domain.schemas import problems
 from projections.compact import compact as compact_events
-from store import NewEvent
+from store import InvalidEvent, NewEvent
 
 router = APIRouter(prefix="/v1/conversations", tags=["events"])
-
-
-def _invalid(index: int, message: str, rule: str, **details) -> ApiError:
-    return ApiError(422, "invalid_event", f"event {index}: {message}", index=index, rule=rule, **details)
 
 
 def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
@@ -37,15 +34,18 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
         try:
             event = EventIn.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors(include_url=False, include_input=False)[0]
-            field = ".".join(str(p) for p in first["loc"]) or "event"
-            raise _invalid(index, f"{field}: {first['msg']}", "event_shape") from None
+            first = problems(exc)[0]
+            type_ = raw.get("type") if isinstance(raw, dict) and isinstance(raw.get("type"), str) else None
+            raise InvalidEvent.at(index, type_, "event_shape", f"{first['field'] or 'event'}: {first['problem']}") \
+                from None
         if event.id is not None and "\x00" in event.id:
-            raise _invalid(index, "id contains a NUL character (\\u0000), which cannot be stored", "no_nul")
+            raise InvalidEvent.at(index, event.type, "no_nul",
+                                  "id contains a NUL character (\\u0000), which cannot be stored")
         encoded = orjson.dumps(event.data)
         if b"\\u0000" in encoded and nul_path(event.data) is not None:
             # PostgreSQL text cannot hold NUL; refuse it here rather than fail the store
-            raise _invalid(index, "data contains a NUL character (\\u0000), which cannot be stored", "no_nul")
+            raise InvalidEvent.at(index, event.type, "no_nul",
+                                  "data contains a NUL character (\\u0000), which cannot be stored")
         size = len(encoded)
         if size > settings.max_event_bytes:
             raise ApiError(413, "event_too_large",
@@ -55,10 +55,10 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
             data = domain.check_data(event.type, event.data)
         except domain.InvalidData as exc:
             rule = "known_type" if event.type not in domain.EVENT_TYPES else "data_shape"
-            raise _invalid(index, str(exc), rule, errors=exc.errors) from None
+            raise InvalidEvent.at(index, event.type, rule, str(exc), errors=exc.errors) from None
         if event.id is not None:
             if event.id in seen:
-                raise _invalid(index, f"id {event.id!r} appears twice in this batch", "event_id_unique")
+                raise InvalidEvent.at(index, event.type, "event_id_unique", f"id {event.id!r} appears twice in this batch")
             seen.add(event.id)
         # check_data (strict, no coercion) returns the same JSON as was sent, so
         # the bytes measured above are what the store writes
