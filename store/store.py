@@ -52,21 +52,38 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-# One round trip writes the batch and the conversation's new state. created_at
-# never goes backwards within a conversation: the row lock orders its writers
-# and greatest() guards against clock steps.
-_INSERT_EVENTS = f"""
+# The rows of one write: $1 principal, $2 conversation id, then the batch as
+# arrays ($3 seqs, $4 indexes in the transaction, $5 ids, $6 types, $7 data).
+# A position is the writing transaction's xid, then the index (store/positions.py).
+_EVENT_ROWS = f"""
+    SELECT $1::text, $2::uuid, e.seq, (pg_current_xact_id()::text::bigint << {INDEX_BITS}) + e.idx,
+           e.id, e.type, e.data::jsonb, {{created_at}}
+      FROM unnest($3::int[], $4::int[], $5::text[], $6::text[], $7::text[]) AS e(seq, idx, id, type, data)
+"""
+_COLUMNS = "INSERT INTO events (principal, conversation_id, seq, position, id, type, data, created_at)"
+
+# A new conversation's events: all at the conversation's creation time ($8).
+_CREATE_EVENTS = f"""
+{_COLUMNS}
+{_EVENT_ROWS.format(created_at="$8::timestamptz")}
+RETURNING seq, position, created_at
+"""
+
+# An append: the events and the conversation's new head in one round trip.
+# $8 the conversation's last write time (created_at never goes backwards within
+# a conversation: the row lock orders its writers and greatest() guards against
+# clock steps), $9 its new seq, $10 the aggregate's new state, $11 the open
+# turn, $12 the title.
+_APPEND_EVENTS = f"""
 WITH ins AS (
-    INSERT INTO events (conversation_id, seq, position, id, type, data, created_at, principal)
-    SELECT $1, e.seq, (pg_current_xact_id()::text::bigint << {INDEX_BITS}) + e.idx, e.id, e.type, e.data::jsonb,
-           coalesce($13::timestamptz, greatest(statement_timestamp(), $7)), $8
-      FROM unnest($2::int[], $3::int[], $4::text[], $5::text[], $6::text[]) AS e(seq, idx, id, type, data)
+    {_COLUMNS}
+    {_EVENT_ROWS.format(created_at="greatest(statement_timestamp(), $8::timestamptz)")}
     RETURNING seq, position, created_at
-), upd AS (
+), head AS (
     UPDATE conversations
-       SET seq = $9, state = $10, updated_at = greatest(statement_timestamp(), $7),
-           open_turn_id = $11, title = coalesce($12, title)
-     WHERE principal = $8 AND id = $1 AND $10::jsonb IS NOT NULL
+       SET seq = $9, state = $10, updated_at = greatest(statement_timestamp(), $8),
+           open_turn_id = $11, title = $12
+     WHERE principal = $1 AND id = $2
 )
 SELECT seq, position, created_at FROM ins ORDER BY seq
 """
@@ -161,7 +178,7 @@ class Store:
             if row is None:
                 raise ConversationExists(f"a conversation with id {conversation_id} already exists",
                                          conversation_id=str(conversation_id))
-            await self._insert(tx, conversation_id, principal, row["created_at"], 1, events, at=row["created_at"])
+            await self._write(tx, _CREATE_EVENTS, principal, conversation_id, 1, events, row["created_at"])
             return conversation_dict(row)
 
         return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
@@ -194,9 +211,9 @@ class Store:
                     domain.apply(conversation, new.type, new.data)
                 except domain.RuleBroken as broken:
                     raise InvalidEvent.at(index, new.type, broken.rule, broken.message) from None
-            stored = await self._insert(tx, conversation_id, principal, row["updated_at"], current + 1, events,
-                                        state=domain.to_state(conversation),
-                                        open_turn_id=conversation.open_turn_id)
+            stored = await self._write(tx, _APPEND_EVENTS, principal, conversation_id, current + 1, events,
+                                       row["updated_at"], current + len(events), domain.to_state(conversation),
+                                       conversation.open_turn_id, conversation.title)
             return Appended(stored, stored[-1]["seq"], replayed=False)
 
         return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
@@ -273,17 +290,16 @@ class Store:
             )
         return [event_dict(stored[e.id]) for e in events]
 
-    async def _insert(self, tx: Transaction, conversation_id: uuid.UUID, principal: str,
-                      previous_time: datetime, first_seq: int, events: list[NewEvent],
-                      state: dict | None = None, open_turn_id: str | None = None,
-                      at: datetime | None = None) -> list[dict]:
+    async def _write(self, tx: Transaction, sql: str, principal: str, conversation_id: uuid.UUID,
+                     first_seq: int, events: list[NewEvent], *more: Any) -> list[dict]:
+        """Insert `events` from `first_seq` on with `sql` (_CREATE_EVENTS or
+        _APPEND_EVENTS, whose parameters after the batch are `more`); return
+        them as stored, and have the transaction announce them at COMMIT."""
         seqs = list(range(first_seq, first_seq + len(events)))
         ids = [e.id or str(uuid.uuid4()) for e in events]
-        title = next((e.data["title"] for e in reversed(events) if e.type == "conversation.titled"), None)
         rows = await tx.conn.fetch(
-            _INSERT_EVENTS, conversation_id, seqs, tx.take_indexes(len(events)), ids,
-            [e.type for e in events], [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], previous_time, principal,
-            seqs[-1], state, open_turn_id, title, at,
+            sql, principal, conversation_id, seqs, tx.take_indexes(len(events)), ids, [e.type for e in events],
+            [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], *more,
             # a big copy (a fork) may take longer than a statement is allowed
             timeout=None if len(events) < _BIG_WRITE else 60.0,
         )
@@ -383,6 +399,11 @@ class Store:
     def follow(self, principal: str, conversation_id: uuid.UUID, after: int, heartbeat: float):
         """Live events after `after` (see store/listener.py Listener.follow)."""
         return self.listener.follow((principal, conversation_id), after, heartbeat)
+
+    def stream(self, principal: str, conversation_id: uuid.UUID, after: int, upto: int, follow: bool,
+               heartbeat: float):
+        """(live, events) batches: stored up to `upto`, then live (see store/listener.py Listener.stream)."""
+        return self.listener.stream((principal, conversation_id), after, upto, follow, heartbeat)
 
     async def turn_span(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> tuple[int, int | None]:
         """(seq of the turn's turn.started, seq of its closing event or None while open)."""
