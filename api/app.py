@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store  # None until the lifespan opens one
     app.state.principals_by_key = principals
     errors.install(app)
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    origins = settings.cors_origin_list()
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],

@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from pydantic import ValidationError
+
 from api.settings import Settings
 from store.migrate import migrate_url
 
@@ -26,10 +28,20 @@ def _start_embedded(settings: Settings) -> str:
     return server.get_uri()
 
 
+def _settings() -> Settings:
+    """The settings, or a clear message and exit 2 when one is malformed."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  CHATLOG_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        sys.stderr.write("chatlog: the configuration is not valid:\n" + "\n".join(lines) + "\n")
+        sys.exit(2)
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    settings = Settings()
+    settings = _settings()
     url = settings.database_url or _start_embedded(settings)
     applied = asyncio.run(migrate_url(url))
     log.info("migrations applied now: %s", ", ".join(applied) or "none (schema up to date)")
@@ -45,7 +57,7 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def migrate(_: argparse.Namespace) -> None:
-    settings = Settings()
+    settings = _settings()
     if not settings.database_url:
         sys.exit("chatlog migrate: set DATABASE_URL to the database to migrate")
     applied = asyncio.run(migrate_url(settings.database_url))

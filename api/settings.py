@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_ORIGIN = re.compile(r"^https?://[^/\s,]+$")
 
 
 class Settings(BaseSettings):
@@ -33,17 +37,37 @@ class Settings(BaseSettings):
                                 "before it answers 503 with details.outcome 'unknown'.")
     shutdown_grace_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM: longest wait for requests in flight before they are cut.")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     heartbeat_seconds: float = Field(15.0, description="SSE heartbeat (`: ping`) interval.")
     stream_token_ttl_seconds: int = Field(300, description="Lifetime of a stream token.")
     token_secret: str | None = Field(None, description="Key for stream tokens; unset: a random key kept in the database.")
     cors_origins: str = Field("", description="Comma-separated origins allowed to call the API from browsers.")
 
-    def principals_by_key(self) -> dict[str, str]:
-        keys: dict[str, str] = {}
-        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_key_equals_principal(cls, value: str) -> str:
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        for pair in pairs:
             key, sep, principal = pair.partition("=")
             if not sep or not key.strip() or not principal.strip():
-                raise ValueError(f"CHATLOG_API_KEYS entry {pair!r} is not of the form key=principal")
-            keys[key.strip()] = principal.strip()
-        return keys
+                raise ValueError(f"entry {pair!r} is not of the form key=principal (e.g. k1=alice,k2=bob)")
+        keys = [p.partition("=")[0].strip() for p in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a key appears twice")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_scheme_and_host(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            if not _ORIGIN.match(origin):
+                raise ValueError(f"origin {origin!r} is not of the form https://host[:port] (no path, no slash)")
+        return value
+
+    def principals_by_key(self) -> dict[str, str]:
+        """bearer key -> principal (empty: open mode)."""
+        pairs = (p.strip().partition("=") for p in self.api_keys.split(",") if p.strip())
+        return {key.strip(): principal.strip() for key, _, principal in pairs}
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
