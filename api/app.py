@@ -40,10 +40,8 @@ def redact_tokens(record: logging.LogRecord) -> bool:
 
 def _begin_shutdown(app: FastAPI) -> None:
     store = app.state.store
-    if store is not None and store.listener is not None and not store.listener.closing:
-        log.info("shutting down: ending %d live streams' conversations so their clients resume elsewhere",
-                 len(store.listener.tails))
-        store.listener.end_streams()
+    if store is not None:
+        store.end_streams()
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:

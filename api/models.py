@@ -19,26 +19,26 @@ MAX_POSITION = 2**63 - 1
 UuidText = Annotated[str, WithJsonSchema({"type": "string", "format": "uuid"})]
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     # strict: `true` or `6.0` is not an integer, `1` is not a boolean
     model_config = ConfigDict(extra="forbid", strict=True)
     # fields whose strings may hold anything, checked elsewhere (event data)
     nul_checked_elsewhere: ClassVar[frozenset[str]] = frozenset()
 
 
-class CreateConversation(_Body):
+class CreateConversation(Body):
     id: UuidText | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     system: str | None = None
 
 
-class EventIn(_Body):
+class EventIn(Body):
     id: str | None = Field(None, min_length=1, max_length=200)
     type: str
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class AppendEvents(_Body):
+class AppendEvents(Body):
     expected_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
     events: list[Any]
     # each event's problems (NUL included) are invalid_event with its index
@@ -68,7 +68,7 @@ def field_name(path: tuple) -> str:
     return ".".join(str(p).replace("\x00", "\\u0000") for p in path)
 
 
-def parse(model: type[_Body], body: Any) -> Any:
+def parse(model: type[Body], body: Any) -> Any:
     """Validate a JSON body; a wrong shape is 400 (not JSON object) or 422."""
     if not isinstance(body, dict):
         raise ApiError(400, "malformed_request", "the request body must be a JSON object")

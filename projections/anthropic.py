@@ -100,8 +100,9 @@ def _input(arguments: str) -> dict:
     try:
         value = orjson.loads(arguments)
     except orjson.JSONDecodeError:
-        # The domain checks arguments with Python's json, which also accepts
-        # NaN and Infinity; keep such text rather than fail the read.
+        # The domain only accepts strict JSON arguments (orjson), but events
+        # written before that rule may hold text orjson refuses (NaN,
+        # Infinity): keep such text rather than fail the read.
         return {"value": arguments}
     return value if isinstance(value, dict) else {"value": value}
 

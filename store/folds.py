@@ -113,7 +113,7 @@ class FoldReader:
                 f"""INSERT INTO {self._fold_def.table} (principal, conversation_id, seq, version, state)
                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""", snapshots)
         except Exception as exc:  # derived data: a lost snapshot only costs a longer fold later
-            log.warning("could not save %d history snapshots: %r", len(snapshots), exc)
+            log.warning("could not save %d %s rows: %r", len(snapshots), self._fold_def.table, exc)
 
     async def _snapshot_before(self, key: tuple[str, uuid.UUID], seq: int) -> dict:
         fold = self._fold_def

@@ -142,6 +142,13 @@ class Store:
         await store.listener.start()
         return store
 
+    def end_streams(self) -> None:
+        """Shutting down: every live stream of this process ends now (its client resumes elsewhere)."""
+        if self.listener is not None and not self.listener.closing:
+            log.info("shutting down: ending the live streams of %d conversations; their clients resume elsewhere",
+                     len(self.listener.tails))
+            self.listener.end_streams()
+
     async def close(self) -> None:
         if self.listener is not None:
             await self.listener.close()

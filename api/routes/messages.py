@@ -9,14 +9,14 @@ from pydantic import Field, JsonValue
 
 from api.deps import TIME_TEXT, BodyDep, ConversationIdDep, PrincipalDep, StoreDep, parse_time, parse_uuid
 from api.errors import ApiError
-from api.models import UuidText, _Body, parse
+from api.models import UuidText, Body, parse
 from api.openapi import operation
 from api.responses import JSONResponse
 
 router = APIRouter(prefix="/v1/conversations", tags=["messages"])
 
 
-class ForkRequest(_Body):
+class ForkRequest(Body):
     # below 1 or past the source's seq: 422 out_of_range
     at_seq: int = Field(json_schema_extra={"minimum": 1})
     id: UuidText | None = None

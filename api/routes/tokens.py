@@ -8,7 +8,7 @@ from api import tokens
 from api.deps import ConversationIdDep, PrincipalDep, SettingsDep, StoreDep, token_key
 from api.openapi import operation
 from api.responses import JSONResponse
-from store.rows import rfc3339
+from store import rfc3339
 
 router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
