@@ -1,6 +1,6 @@
 """`format=anthropic`: `{"system", "messages"}` the Messages API accepts as is.
 
-Same grouping as format=openai (projections.layout), translated into content
+Same grouping as format=openai (projections.grouping), translated into content
 blocks under the Messages API's own rules, each of which has broken someone's
 production history:
 - roles strictly alternate starting with `user`: adjacent same-role messages are
@@ -25,7 +25,7 @@ import re
 
 import orjson
 
-from projections.layout import layout
+from projections.grouping import grouped
 
 OPENING_USER_TEXT = "(conversation start)"
 EMPTY_RESULT_TEXT = "(no output)"
@@ -38,7 +38,7 @@ _DATA_URL = re.compile(r"data:([^;,]+);base64,(.*)", re.DOTALL)
 def render_anthropic(state: dict) -> dict:
     system: list[str] = []
     messages: list[dict] = []
-    for entry in layout(state):
+    for entry in grouped(state):
         role = entry[0]
         if role == "system":
             if entry[1].strip():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from projections.layout import layout
+from projections.grouping import grouped
 
 
 def render_openai(state: dict) -> list[dict]:
@@ -12,7 +12,7 @@ def render_openai(state: dict) -> list[dict]:
     treat the answer as read-only.
     """
     messages: list[dict] = []
-    for entry in layout(state):
+    for entry in grouped(state):
         role = entry[0]
         if role == "assistant":
             _, text, calls = entry

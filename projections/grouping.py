@@ -20,7 +20,7 @@ import orjson
 _DEAD_TURNS = ("cancelled", "failed")
 
 
-def layout(state: dict) -> Iterator[tuple]:
+def grouped(state: dict) -> Iterator[tuple]:
     calls, turns = state["calls"], state["turns"]
     if state["system"]:
         yield ("system", state["system"])
