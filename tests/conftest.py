@@ -7,10 +7,14 @@ import uuid
 import httpx
 import pytest
 
-from api.app import create_app
-from api.settings import Settings
-from store import Store
-from tests.pg import TestServer
+# assertions in the shared helpers report their operands, as in a test module
+pytest.register_assert_rewrite("tests.helpers", "tests.uisdk")
+
+from api.app import create_app  # noqa: E402
+from api.settings import Settings  # noqa: E402
+from store import Store  # noqa: E402
+from tests.helpers import Ledger, asgi_client, bearer  # noqa: E402
+from tests.pg import TestServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +51,7 @@ def make_client(store):
 
     def make(api_keys: str = "", headers: dict | None = None, **overrides) -> httpx.AsyncClient:
         settings = Settings(database_url=None, api_keys=api_keys, **overrides)
-        app = create_app(settings, store=store)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog",
-                                   headers=headers or {})
+        client = asgi_client(create_app(settings, store=store), headers)
         clients.append(client)
         return client
 
@@ -63,14 +65,24 @@ def keys(principal) -> dict[str, str]:
 
 
 @pytest.fixture
-def client(make_client, keys, principal):
-    """A client authenticated as this test's 'alice'."""
-    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
-    return make_client(api_keys=api_keys, headers={"Authorization": f"Bearer {keys['alice']}"})
+def api_keys(keys, principal) -> str:
+    """The API_KEYS setting for the two tenants: principals alice-<principal> and bob-<principal>."""
+    return f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
 
 
 @pytest.fixture
-def bob(make_client, keys, principal):
+def client(make_client, keys, api_keys):
+    """A client authenticated as this test's 'alice'."""
+    return make_client(api_keys=api_keys, headers=bearer(keys["alice"]))
+
+
+@pytest.fixture
+def bob(make_client, keys, api_keys):
     """A client authenticated as another tenant, 'bob'."""
-    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
-    return make_client(api_keys=api_keys, headers={"Authorization": f"Bearer {keys['bob']}"})
+    return make_client(api_keys=api_keys, headers=bearer(keys["bob"]))
+
+
+@pytest.fixture
+def ledger(store, principal) -> Ledger:
+    """What the store holds for this test's alice and bob, to show a request wrote nothing."""
+    return Ledger(store, [f"alice-{principal}", f"bob-{principal}"])

@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
-import httpx
 import pytest
 
-TURN = [
-    {"type": "message.user", "data": {"content": "What is the weather in Paris?"}},
-    {"type": "turn.started", "data": {"turn_id": "t1", "model": "gpt-4o"}},
-    {"type": "text.delta", "data": {"turn_id": "t1", "text": "Let me "}},
-    {"type": "text.delta", "data": {"turn_id": "t1", "text": "check."}},
-    {"type": "tool_call.started", "data": {"turn_id": "t1", "tool_call_id": "call_1", "name": "weather"}},
-    {"type": "tool_call.delta", "data": {"tool_call_id": "call_1", "text": '{"city":'}},
-    {"type": "tool_call.delta", "data": {"tool_call_id": "call_1", "text": '"Paris"}'}},
-    {"type": "tool_call.completed", "data": {"tool_call_id": "call_1"}},
-    {"type": "turn.finished", "data": {"turn_id": "t1", "finish_reason": "tool_calls"}},
-    {"type": "tool.result", "data": {"tool_call_id": "call_1", "content": {"temp_c": 18}, "status": "ok"}},
-]
-
-
-async def new_conversation(client, **body) -> str:
-    r = await client.post("/v1/conversations", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+from tests.helpers import TURN, asgi_client, assert_error, eventually, new_conversation
 
 
 def with_ids(events, prefix):
     return [{**e, "id": f"{prefix}-{i}"} for i, e in enumerate(events)]
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 # -- conversations ------------------------------------------------------------
@@ -262,11 +234,11 @@ async def test_feed_lists_the_principals_events_in_position_order(client):
     await client.post(f"/v1/conversations/{b}/events", json={"events": TURN[:1]})
     # The feed waits for every older transaction on the server (other test
     # runs share it) to end: poll until ours are below the watermark.
-    for _ in range(600):
+    async def our_events_in_the_feed():
         feed = (await client.get("/v1/events", params={"after_position": 0})).json()
-        if len(feed["events"]) >= 5:
-            break
-        await asyncio.sleep(0.05)
+        return feed if len(feed["events"]) >= 5 else None
+
+    feed = await eventually(our_events_in_the_feed, "the five events to reach the feed", timeout=30, interval=0.05)
     got = [(e["conversation_id"], e["seq"]) for e in feed["events"]]
     assert got == [(a, 1), (b, 1), (a, 2), (a, 3), (b, 2)]
     assert feed["last_position"] == feed["events"][-1]["position"]
@@ -328,7 +300,7 @@ async def test_an_unreachable_store_is_503_not_500(database_url):
 
     store = await Store.open(database_url, pool_size=2, writers=1)
     app = create_app(Settings(database_url=None, api_keys=""), store=store)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog")
+    client = asgi_client(app)
     cid = await new_conversation(client)
     await store.pool.close()  # as if PostgreSQL went away
     try:

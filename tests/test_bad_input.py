@@ -9,8 +9,6 @@ deadline, so a regression fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
-import re
-import uuid
 from typing import Any
 
 import httpx
@@ -24,7 +22,7 @@ from api.errors import allowed_methods
 from api.openapi import http_routes
 from api.settings import Settings
 from api.sse import RESUME_PATTERN
-from tests.test_api_contract import TURN, new_conversation
+from tests.helpers import TURN, append, asgi_client, assert_contract_error, bearer, new_conversation
 
 DEADLINE = 10  # seconds; no answer here may take longer
 BODY_LIMIT = 1 << 20  # max_body_bytes of these tests' app
@@ -32,44 +30,6 @@ MSG = {"type": "message.user", "data": {"content": "fine"}}
 
 
 # -- helpers ---------------------------------------------------------------------
-
-def error_of(response: httpx.Response, status: int | tuple[int, ...], codes: str | tuple[str, ...]) -> dict:
-    """The error of a refused request, checked against the contract's shape."""
-    statuses = (status,) if isinstance(status, int) else status
-    codes = (codes,) if isinstance(codes, str) else codes
-    assert response.status_code in statuses, (response.status_code, response.text[:500])
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert {"code", "message"} <= set(error) <= {"code", "message", "details"}, error
-    assert error["code"] in codes, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error.get("details", {}), dict), error
-    return error
-
-
-class Ledger:
-    """What the store holds for some principals, to show a request wrote nothing."""
-
-    def __init__(self, store, principals: list[str]) -> None:
-        self.store, self.principals = store, principals
-
-    async def state(self) -> tuple:
-        return tuple(await self.store.pool.fetchrow(
-            """SELECT (SELECT count(*) FROM events WHERE principal = ANY($1)),
-                      (SELECT count(*) FROM conversations WHERE principal = ANY($1)),
-                      (SELECT max(updated_at) FROM conversations WHERE principal = ANY($1))""",
-            self.principals))
-
-    async def refused(self, request, status, codes) -> dict:
-        """Send `request` (a coroutine): refused in the contract's shape, nothing written."""
-        before = await self.state()
-        response = await asyncio.wait_for(request, DEADLINE)
-        error = error_of(response, status, codes)
-        assert await self.state() == before, "a refused request wrote"
-        return error
-
 
 async def raw(app, method: str, path: str, *, query: bytes = b"", headers: list | None = None,
               body: bytes = b"") -> httpx.Response:
@@ -117,36 +77,28 @@ def deep_json(depth: int) -> bytes:
 # -- fixtures --------------------------------------------------------------------
 
 @pytest.fixture
-def app(store, keys, principal):
-    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
+def app(store, api_keys):
     return create_app(Settings(database_url=None, api_keys=api_keys, max_body_bytes=BODY_LIMIT,
                                heartbeat_seconds=0.05), store=store)
 
 
 @pytest.fixture
 async def alice(app, keys):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog",
-                                 headers={"Authorization": f"Bearer {keys['alice']}"}) as client:
+    async with asgi_client(app, bearer(keys["alice"])) as client:
         yield client
 
 
 @pytest.fixture
 async def anonymous(app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog") as client:
+    async with asgi_client(app) as client:
         yield client
-
-
-@pytest.fixture
-def ledger(store, principal) -> Ledger:
-    return Ledger(store, [f"alice-{principal}", f"bob-{principal}"])
 
 
 @pytest.fixture
 async def cid(alice) -> str:
     """Alice's conversation with a finished turn t1 (and a tool call)."""
     cid = await new_conversation(alice)
-    r = await alice.post(f"/v1/conversations/{cid}/events", json={"events": TURN})
-    assert r.status_code == 201, r.text
+    await append(alice, cid, TURN)
     return cid
 
 
@@ -421,8 +373,8 @@ async def test_times_at_the_edges_of_the_range_are_answered(alice, cid):
     assert r.status_code == 200 and cid in [c["id"] for c in r.json()["conversations"]]
     r = await alice.get(f"/v1/conversations/{cid}/messages", params={"at_time": "9999-12-31T23:59:59Z"})
     assert r.status_code == 200 and r.json()["seq"] == 1 + len(TURN)
-    error = error_of(await alice.get(f"/v1/conversations/{cid}/messages", params={"at_time": "0001-01-01T00:00:00Z"}),
-                     422, "out_of_range")
+    r = await alice.get(f"/v1/conversations/{cid}/messages", params={"at_time": "0001-01-01T00:00:00Z"})
+    error = assert_contract_error(r, 422, "out_of_range")
     assert error["details"]["current_seq"] == 1 + len(TURN)
 
 
@@ -457,7 +409,7 @@ async def test_a_method_a_path_does_not_have_is_405_with_allow(app, alice, cid, 
     assert allowed_methods(app, url) == allowed
     for method in sorted({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} - PATHS[path]):
         r = await alice.request(method, url)
-        error_of(r, 405, "method_not_allowed")
+        assert_contract_error(r, 405, "method_not_allowed")
         assert sorted(m.strip() for m in r.headers["allow"].split(",")) == allowed
 
 
@@ -570,7 +522,7 @@ async def test_duplicate_keys_take_the_last_value(alice, cid):
     stored = (await alice.get(f"/v1/conversations/{cid}/events", params={"after": r.json()["last_seq"] - 1})).json()
     assert [e["data"] for e in stored["events"]] == [{"content": "c"}]
     # a duplicate that breaks the shape is refused like any other
-    error = error_of(await alice.post(f"/v1/conversations/{cid}/events", content=(
+    error = assert_contract_error(await alice.post(f"/v1/conversations/{cid}/events", content=(
         b'{"events": [{"type": "message.user", "data": {"content": "a", "content": 5}}]}')), 422, "invalid_event")
     assert error["details"]["rule"] == "data_shape"
 

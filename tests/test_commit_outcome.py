@@ -14,8 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from store import NewEvent, OutcomeUnknown, Store
+from store import OutcomeUnknown, Store
 from tests.faultproxy import FaultProxy
+from tests.helpers import new_store_conversation, user_messages
 
 
 @pytest.fixture
@@ -36,19 +37,15 @@ async def stored(store: Store, principal: str, cid: uuid.UUID) -> list[dict]:
     return await store.events_after(principal, cid, 0, 10_000)
 
 
-def messages(tag: str, n: int, with_ids: bool) -> list[NewEvent]:
-    return [NewEvent("message.user", {"content": f"{tag}-{i}"}, f"{tag}-{i}" if with_ids else None) for i in range(n)]
-
-
 @pytest.mark.parametrize("fault", ["reply_lost", "commit_lost"])
 @pytest.mark.parametrize("with_ids", [True, False])
 async def test_an_append_whose_commit_reply_is_lost_is_answered_truly_and_stored_once(
         proxy, database_url, principal, fault, with_ids):
     store = await Store.open(through(proxy, database_url), pool_size=3, writers=1)
     try:
-        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+        cid = await new_store_conversation(store, principal)
         proxy.arm(fault)
-        appended = await store.append(principal, cid, messages("m", 3, with_ids))
+        appended = await store.append(principal, cid, user_messages(3, "m", with_ids))
         assert [e["seq"] for e in appended.events] == [2, 3, 4]
         events = await stored(store, principal, cid)
         assert [e["data"]["content"] for e in events[1:]] == ["m-0", "m-1", "m-2"], "stored exactly once"
@@ -64,7 +61,7 @@ async def test_every_append_of_a_group_whose_commit_reply_is_lost_is_answered_an
     # one writer task, many appenders: they share a transaction
     store = await Store.open(through(proxy, database_url), pool_size=3, writers=1)
     try:
-        cids = [uuid.UUID((await store.create_conversation(principal))["id"]) for _ in range(4)]
+        cids = [await new_store_conversation(store, principal) for _ in range(4)]
         # the first append holds the writer while the others queue up: the
         # second transaction is a group of eleven; both lose their COMMIT reply
         proxy.pause()
@@ -73,7 +70,8 @@ async def test_every_append_of_a_group_whose_commit_reply_is_lost_is_answered_an
         appends = []
         for n, cid in enumerate(cids):
             for k in range(3):
-                appends.append(asyncio.create_task(store.append(principal, cid, messages(f"{n}-{k}", 2, n % 2 == 0))))
+                events = user_messages(2, f"{n}-{k}", n % 2 == 0)
+                appends.append(asyncio.create_task(store.append(principal, cid, events)))
                 await asyncio.sleep(0.1 if not k and not n else 0)
         await asyncio.sleep(0.1)
         proxy.resume()
@@ -96,8 +94,8 @@ async def test_an_outcome_that_cannot_be_learned_is_503_unknown_and_a_retry_sett
     # a pool of one: when its connection is cut, asking for the outcome needs a new one
     store = await Store.open(through(proxy, database_url), pool_size=1, writers=1, outcome_timeout=1.0)
     try:
-        cid = uuid.UUID((await store.create_conversation(principal))["id"])
-        batch = messages("u", 2, with_ids=True)
+        cid = await new_store_conversation(store, principal)
+        batch = user_messages(2, "u", with_ids=True)
         proxy.refuse(True)  # the store stays unreachable once the COMMIT's connection is cut
         proxy.arm("reply_lost")
         with pytest.raises(OutcomeUnknown) as unknown:

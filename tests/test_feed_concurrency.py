@@ -21,25 +21,11 @@ import pytest
 
 from store import NewEvent, Store, create_pool
 from store.writer import GroupWriter
+from tests.helpers import eventually
 
 # A hang guard for waiting on the feed; never a timing assertion. The feed lags
 # behind the oldest transaction running anywhere in the cluster, so it is generous.
 PATIENCE = 120.0
-
-
-async def wait_until(predicate, what: str, patience: float = PATIENCE) -> None:
-    """Poll `predicate` (sync or async) until true; fail (never hang) when it never gets there."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + patience
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > give_up:
-            pytest.fail(f"gave up waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def lock_waiters(pool) -> int:
@@ -151,7 +137,8 @@ def mixed_pages(store: Store, principal: str, client, limits):
 
 
 async def drain(reader: FeedReader, until) -> None:
-    await wait_until(lambda: _step_until(reader, until), f"{reader.name} to reach the expected events")
+    await eventually(lambda: _step_until(reader, until), f"{reader.name} to reach the expected events",
+                     timeout=PATIENCE, interval=0.01)
 
 
 async def _step_until(reader: FeedReader, until) -> bool:
@@ -255,10 +242,12 @@ async def _group_waits_on_a_lock(store, principal, database_url):
             store.append(principal, blocked, messages(1, "g1-blocked")),
             store.append(principal, shared, messages(1, "g1-shared")),
         )
-        await wait_until(lambda: lock_waiters(store.pool), "the group to wait on the blocked conversation")
+        await eventually(lambda: lock_waiters(store.pool), "the group to wait on the blocked conversation",
+                         timeout=PATIENCE, interval=0.01)
         second = asyncio.create_task(store.append(principal, shared, messages(1, "g2-shared")))
         # Either the store lets it through now, or it makes it wait for the group: both are observable.
-        await wait_until(lambda: _done_or_waiting(second, store.pool, 2), "the second append to finish or wait")
+        await eventually(lambda: _done_or_waiting(second, store.pool, 2), "the second append to finish or wait",
+                         timeout=PATIENCE, interval=0.01)
     finally:
         await blocker_tx.rollback()
         await blocker.close()

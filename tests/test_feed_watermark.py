@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 import pytest
 
 from store import NewEvent, Store
+from tests.helpers import new_store_conversation
 from tests.pg import with_database
 
 
@@ -24,7 +24,7 @@ async def test_a_long_unrelated_transaction_does_not_hold_the_feed_back(store, p
         # an open transaction that has an xid, as any writing transaction has
         await other.execute("BEGIN")
         await other.fetchval("SELECT pg_current_xact_id()")
-        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+        cid = await new_store_conversation(store, principal)
         appended = await store.append(principal, cid, [NewEvent("message.user", {"content": "hi"}, "e1")])
         assert appended.events[0]["id"] in await feed_ids(store, principal)
     finally:
@@ -35,8 +35,8 @@ async def test_an_open_chatlog_write_holds_back_the_events_committed_after_it(st
     """The other side of the watermark: a log-writing transaction still open
     (it may yet commit a lower position) keeps later events out of the feed
     until it ends, and then both appear, in position order."""
-    cid = uuid.UUID((await store.create_conversation(principal))["id"])
-    slow = uuid.UUID((await store.create_conversation(principal))["id"])
+    cid = await new_store_conversation(store, principal)
+    slow = await new_store_conversation(store, principal)
     held = asyncio.Event()
     release = asyncio.Event()
 

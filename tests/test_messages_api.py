@@ -14,14 +14,8 @@ from hypothesis import strategies as st
 import projections
 from store import NewEvent
 from store.folds import SNAPSHOT_EVERY
+from tests.helpers import TURN, append, assert_error, new_conversation, tool_turns
 from tests.strategies import check_anthropic, check_openai, valid_event_sequences
-from tests.test_api_contract import TURN, assert_error, new_conversation
-
-
-async def append(client, cid, events):
-    r = await client.post(f"/v1/conversations/{cid}/events", json={"events": events})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 async def messages(client, cid, **params):
@@ -140,15 +134,7 @@ async def test_fork_with_own_id_and_metadata_and_its_refusals(client, bob):
 async def test_deleting_snapshots_changes_no_answer(client, store, principal):
     """Snapshots are derived data: every answer is the same with or without them."""
     cid = await new_conversation(client)
-    turns = []
-    for t in range(12):
-        turns += [{"type": "message.user", "data": {"content": f"q{t}"}},
-                  {"type": "turn.started", "data": {"turn_id": f"t{t}"}}]
-        turns += [{"type": "text.delta", "data": {"turn_id": f"t{t}", "text": f"w{i} "}} for i in range(60)]
-        turns += [{"type": "tool_call.started", "data": {"turn_id": f"t{t}", "tool_call_id": f"c{t}", "name": "f"}},
-                  {"type": "tool_call.completed", "data": {"tool_call_id": f"c{t}", "arguments": "{}"}},
-                  {"type": "turn.finished", "data": {"turn_id": f"t{t}", "finish_reason": "tool_calls"}},
-                  {"type": "tool.result", "data": {"tool_call_id": f"c{t}", "content": t, "status": "ok"}}]
+    turns = tool_turns(12, deltas=60)
     await append(client, cid, turns)
     last = 1 + len(turns)
     points = [1, SNAPSHOT_EVERY - 1, SNAPSHOT_EVERY, SNAPSHOT_EVERY + 1, 2 * SNAPSHOT_EVERY + 7, last]

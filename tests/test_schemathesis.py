@@ -28,7 +28,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import httpx
 import orjson
 import schemathesis
 from schemathesis import engine
@@ -36,7 +35,7 @@ from schemathesis.engine import events
 
 from api.app import create_app
 from api.settings import Settings
-from tests.test_api_contract import TURN, new_conversation
+from tests.helpers import TURN, append, asgi_client, bearer, new_conversation
 
 EXAMPLES = int(os.environ.get("CHATLOG_FUZZ_EXAMPLES", "10"))
 STREAM_READ_SECONDS = 0.5  # also the time a stream has to start answering
@@ -180,11 +179,9 @@ async def test_the_api_answers_its_own_spec_never_with_a_5xx_and_rejections_writ
     app = create_app(Settings(database_url=None, api_keys=f"{key}=fuzz-{principal}", heartbeat_seconds=0.05),
                      store=store)
     on_loop = OnLoop(app, asyncio.get_running_loop(), store)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog",
-                                 headers={"Authorization": f"Bearer {key}"}) as client:
+    async with asgi_client(app, bearer(key)) as client:
         cid = await new_conversation(client)
-        r = await client.post(f"/v1/conversations/{cid}/events", json={"events": TURN})
-        assert r.status_code == 201, r.text
+        await append(client, cid, TURN)
     run = await asyncio.to_thread(fuzz, on_loop, key, {"conversation_id": cid, "turn_id": "t1"})
 
     exchanges = on_loop.exchanges

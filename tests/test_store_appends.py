@@ -15,20 +15,11 @@ import pytest
 from store import (IdempotencyConflict, InvalidEvent, NewEvent, NotFound, SeqConflict, Store, StoreError,
                    create_pool)
 from store.writer import MAX_EVENTS_PER_TRANSACTION
+from tests.helpers import new_store_conversation, user_messages
 
 
 def user(text: str, id: str | None = None) -> NewEvent:
     return NewEvent("message.user", {"content": text}, id)
-
-
-def batch(n: int, tag: str, with_ids: bool = False) -> list[NewEvent]:
-    return [user(f"{tag}-{i}", f"{tag}-{i}" if with_ids else None) for i in range(n)]
-
-
-async def new_conversation(store: Store, principal: str) -> uuid.UUID:
-    cid = uuid.uuid4()
-    await store.create_conversation(principal, cid)
-    return cid
 
 
 async def all_events(store: Store, principal: str, cid: uuid.UUID) -> list[dict]:
@@ -53,7 +44,7 @@ def xid(event: dict) -> int:
 
 
 async def test_concurrent_appenders_to_one_conversation_get_gap_free_seqs_and_exact_conflicts(store, principal):
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     rng = random.Random()
     written: list[list[dict]] = []
     conflicts: list[tuple[int, int]] = []  # (expected_seq, current_seq)
@@ -63,7 +54,7 @@ async def test_concurrent_appenders_to_one_conversation_get_gap_free_seqs_and_ex
         nonlocal stale_refused
         last_seen = 1
         for i in range(20):
-            events = batch(rng.randint(1, 4), f"t{t}-{i}", with_ids=i % 2 == 0)
+            events = user_messages(rng.randint(1, 4), f"t{t}-{i}", with_ids=i % 2 == 0)
             if i % 4 == 3 and last_seen >= 2:
                 expected = last_seen - 1  # certainly stale: seq never goes down
             elif i % 4 == 1:
@@ -110,7 +101,7 @@ async def test_concurrent_appenders_to_one_conversation_get_gap_free_seqs_and_ex
 
 
 async def test_a_refused_batch_writes_nothing_even_when_it_shares_a_group_commit_with_good_ones(store, principal):
-    cids = [await new_conversation(store, principal) for _ in range(6)]
+    cids = [await new_store_conversation(store, principal) for _ in range(6)]
     for cid in cids:
         await store.append(principal, cid, [user("taken", "taken-id")])
     before = {cid: await all_events(store, principal, cid) for cid in cids}
@@ -118,7 +109,7 @@ async def test_a_refused_batch_writes_nothing_even_when_it_shares_a_group_commit
     good, bad = [], []
     for k, cid in enumerate(cids):
         for j in range(3):
-            good.append((cid, batch(3, f"good-{k}-{j}", with_ids=j == 0), None))
+            good.append((cid, user_messages(3, f"good-{k}-{j}", with_ids=j == 0), None))
         bad += [
             # a rule broken by the LAST event: the first ones must not be kept either
             (cid, [user("bad-1"), NewEvent("text.delta", {"turn_id": "t", "text": "x"})], InvalidEvent),
@@ -162,8 +153,8 @@ async def test_a_refused_batch_writes_nothing_even_when_it_shares_a_group_commit
 async def test_a_batch_that_breaks_the_shared_transaction_costs_the_others_nothing(store, principal):
     """A batch PostgreSQL itself rejects (jsonb cannot hold \\u0000) aborts the group's transaction;
     the writer must retry the others on their own and keep nothing of the bad one."""
-    cids = [await new_conversation(store, principal) for _ in range(4)]
-    submissions = [(cid, batch(2, f"ok-{k}-{j}"), True) for k, cid in enumerate(cids) for j in range(3)]
+    cids = [await new_store_conversation(store, principal) for _ in range(4)]
+    submissions = [(cid, user_messages(2, f"ok-{k}-{j}"), True) for k, cid in enumerate(cids) for j in range(3)]
     submissions.insert(5, (cids[1], [user("fine"), user("nul \x00 inside")], False))
     results = await asyncio.gather(*(store.append(principal, cid, events) for cid, events, _ in submissions),
                                    return_exceptions=True)
@@ -179,7 +170,7 @@ async def test_a_batch_that_breaks_the_shared_transaction_costs_the_others_nothi
 async def test_a_batch_too_large_for_one_transactions_positions_is_refused_or_kept_in_range(store, principal):
     """position = (xid << 16) + index: a batch of more than 65,536 events would spill into the next
     transaction's positions (duplicates, which a feed reader resuming `after_position` can skip)."""
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     events = [user("x")] * (MAX_EVENTS_PER_TRANSACTION + 1)
     try:
         appended = await store.append(principal, cid, events)
@@ -195,7 +186,7 @@ async def test_a_batch_too_large_for_one_transactions_positions_is_refused_or_ke
 
 
 async def test_an_idempotent_retry_returns_the_same_stored_events_and_writes_nothing(store, principal):
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     first = await store.append(principal, cid, [
         user("hello", "e-1"),
         NewEvent("conversation.titled", {"title": "T"}, "e-2"),
@@ -225,7 +216,7 @@ async def test_an_idempotent_retry_returns_the_same_stored_events_and_writes_not
 
 
 async def test_the_same_batch_submitted_concurrently_is_written_once(store, principal):
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     same = [user("once", "once-1"), user("once again", "once-2")]
     results = await asyncio.gather(*(store.append(principal, cid, same) for _ in range(5)))
     assert sorted(r.replayed for r in results) == [False, True, True, True, True]
@@ -240,7 +231,7 @@ async def test_the_same_batch_submitted_concurrently_is_written_once(store, prin
     NewEvent("message.user", {"content": "hello", "name": "someone"}, "e-1"),
 ])
 async def test_an_event_id_reused_with_other_content_is_an_idempotency_conflict(store, principal, reused):
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     await store.append(principal, cid, [user("hello", "e-1")])
     before = await all_events(store, principal, cid)
     with pytest.raises(IdempotencyConflict) as refused:
@@ -256,7 +247,7 @@ async def test_an_event_id_reused_with_other_content_is_an_idempotency_conflict(
     [user("one", "e-1"), user("two", "e-2"), user("three", "e-3")],  # the stored batch plus one more
 ], ids=["stored+new", "new+stored", "stored+anonymous", "batch+one-more"])
 async def test_a_batch_reusing_only_some_stored_ids_is_an_idempotency_conflict(store, principal, retry):
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     await store.append(principal, cid, [user("one", "e-1"), user("two", "e-2")])
     before = await all_events(store, principal, cid)
     with pytest.raises(IdempotencyConflict) as refused:
@@ -268,7 +259,7 @@ async def test_a_batch_reusing_only_some_stored_ids_is_an_idempotency_conflict(s
 
 async def test_retrying_part_of_a_stored_batch_unchanged_returns_those_events(store, principal):
     """The contract: a retry whose ids ALL exist with the same type and data is a replay."""
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     first = await store.append(principal, cid, [user("one", "e-1"), user("two", "e-2")])
     replay = await store.append(principal, cid, [user("two", "e-2")])
     assert replay.replayed and replay.events == first.events[1:] and replay.last_seq == 3
@@ -280,7 +271,7 @@ async def test_retrying_part_of_a_stored_batch_unchanged_returns_those_events(st
 
 async def test_another_principal_cannot_append_read_or_replay_a_conversation(store, principal):
     owner, intruder = principal, f"{principal}-other"
-    cid = await new_conversation(store, owner)
+    cid = await new_store_conversation(store, owner)
     await store.append(owner, cid, [user("secret", "s-1")])
     before = await all_events(store, owner, cid)
 
@@ -304,7 +295,7 @@ async def test_another_principal_cannot_append_read_or_replay_a_conversation(sto
 
 
 async def test_times_never_go_backwards_within_a_conversation(store, principal):
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     created = await store.get_conversation(principal, cid)
     observed: list[dict] = []
     returned: list[dict] = []
@@ -317,7 +308,7 @@ async def test_times_never_go_backwards_within_a_conversation(store, principal):
 
     async def appender(t: int) -> None:
         for i in range(10):
-            appended = await store.append(principal, cid, batch(random.randint(1, 3), f"{t}-{i}"))
+            appended = await store.append(principal, cid, user_messages(random.randint(1, 3), f"{t}-{i}"))
             assert len({e["created_at"] for e in appended.events}) == 1  # one batch, one moment
             returned.extend(appended.events)
 
@@ -348,7 +339,7 @@ async def test_times_never_go_backwards_within_a_conversation(store, principal):
 async def test_the_conversations_own_times_name_moments_its_history_can_be_read_at(store, principal):
     """GET /conversations/{id} says when it was created and last updated; reading the history
     `at_time` either of those moments must give seq 1 and the current seq, not 'before it existed'."""
-    cid = await new_conversation(store, principal)
+    cid = await new_store_conversation(store, principal)
     created = await store.get_conversation(principal, cid)
     at_creation = await store.messages(principal, cid, "openai", at_time=moment(created["created_at"]))
     assert at_creation["seq"] == 1
@@ -393,16 +384,16 @@ async def test_appending_to_a_conversation_with_100000_events_reads_none_of_its_
     await admin.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
     store = Store(await create_pool(url, min_size=1, max_size=1), writers=1)
     try:
-        big, small = await new_conversation(store, principal), await new_conversation(store, principal)
+        big, small = await new_store_conversation(store, principal), await new_store_conversation(store, principal)
         for k in range(100):
-            await store.append(principal, big, batch(1000, f"bulk{k}"))
+            await store.append(principal, big, user_messages(1000, f"bulk{k}"))
         assert (await store.get_conversation(principal, big))["seq"] == 100_001
         reads = EventsTableReads(store, admin)
 
         async def twenty_appends(cid, with_ids: bool) -> dict:
             start = await reads.now()
             for i in range(20):
-                await store.append(principal, cid, batch(1 + i % 3, f"probe-{uuid.uuid4().hex[:6]}", with_ids))
+                await store.append(principal, cid, user_messages(1 + i % 3, f"probe-{uuid.uuid4().hex[:6]}", with_ids))
             end = await reads.now()
             return {"rows": EventsTableReads.rows_read(start, end), "seq_scans": end["seq_scan"] - start["seq_scan"],
                     "blocks": sum(end[k] - start[k] for k in ("heap_blocks", "index_blocks"))}
@@ -440,10 +431,10 @@ async def test_the_saved_state_of_2000_finished_tool_turns_is_as_small_as_a_new_
     """The state rewritten with every append holds only what is live, so an append
     to a long agent loop writes about as much as one to a new conversation; the
     rules that need the whole history still hold (unique indexes, probed per id)."""
-    long = await new_conversation(store, principal)
+    long = await new_store_conversation(store, principal)
     for start in range(0, 2000, 200):
         await store.append(principal, long, [e for n in range(start, start + 200) for e in tool_turn(n)])
-    new = await new_conversation(store, principal)
+    new = await new_store_conversation(store, principal)
     await store.append(principal, new, tool_turn(0))
 
     async def state_bytes(cid: uuid.UUID) -> int:

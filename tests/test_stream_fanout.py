@@ -9,6 +9,7 @@ import pytest
 
 from store import NewEvent
 from store.listener import Listener
+from tests.helpers import eventually, new_store_conversation
 
 
 async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store, principal):
@@ -21,7 +22,7 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
     listener = Listener(database_url, counting_read, store.heads)
     await listener.start()
     try:
-        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+        cid = await new_store_conversation(store, principal)
         await store.append(principal, cid, [NewEvent("turn.started", {"turn_id": "t1"})])
         received: list[list[int]] = [[] for _ in range(50)]
 
@@ -33,15 +34,14 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
 
         tasks = [asyncio.create_task(reader(mine)) for mine in received]
         # each new reader checks the store once for what it may have missed (nothing here)
-        for _ in range(200):
-            if len(reads) >= 50:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(reads) >= 50, "every reader's first look at the store", timeout=2,
+                         interval=0.01)
         assert len(reads) == 50
         reads.clear()
         for i in range(10):
             await store.append(principal, cid, [NewEvent("text.delta", {"turn_id": "t1", "text": f"w{i}"})])
-            await asyncio.wait_for(_until(lambda: all(len(mine) == i + 1 for mine in received)), 10)
+            await eventually(lambda: all(len(mine) == i + 1 for mine in received),
+                             f"every reader to receive event {i + 1}", timeout=10, interval=0.005)
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     finally:
         await listener.close()
@@ -54,8 +54,8 @@ async def test_readers_of_other_conversations_are_not_woken(database_url, store,
     listener = Listener(database_url, store.tail_events, store.heads)
     await listener.start()
     try:
-        quiet = uuid.UUID((await store.create_conversation(principal))["id"])
-        busy = uuid.UUID((await store.create_conversation(principal))["id"])
+        quiet = await new_store_conversation(store, principal)
+        busy = await new_store_conversation(store, principal)
         batches = []
 
         async def reader() -> None:
@@ -73,11 +73,6 @@ async def test_readers_of_other_conversations_are_not_woken(database_url, store,
     assert batches and all(b == [] for b in batches)
 
 
-async def _until(predicate) -> None:
-    while not predicate():
-        await asyncio.sleep(0.005)
-
-
 async def test_a_reader_gets_commits_whose_notifications_were_lost_within_seconds(database_url, store, principal):
     """NOTIFY is the fast path only: with every notification lost (as while the
     LISTEN connection is down), the once-a-second sweep still delivers."""
@@ -85,7 +80,7 @@ async def test_a_reader_gets_commits_whose_notifications_were_lost_within_second
     listener._on_notify = lambda *args: None  # every notification lost
     await listener.start()
     try:
-        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+        cid = await new_store_conversation(store, principal)
         got: list[int] = []
 
         async def reader() -> None:
@@ -118,7 +113,7 @@ async def test_a_reader_whose_store_keeps_failing_is_ended_not_left_waiting(data
     listener = Listener(database_url, store.tail_events, heads)
     await listener.start()
     try:
-        cid = uuid.UUID((await store.create_conversation(principal))["id"])
+        cid = await new_store_conversation(store, principal)
 
         async def reader() -> None:
             async for _ in listener.follow((principal, cid), 1, heartbeat=60):

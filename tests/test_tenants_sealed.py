@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 import uuid
 
 import httpx
@@ -24,9 +23,8 @@ from api import deps, tokens
 from api.app import create_app
 from api.openapi import http_routes
 from api.settings import Settings
+from tests.helpers import TURN, append, asgi_client, bearer, eventually, new_conversation
 from tests.servers import InProcessServer
-from tests.test_api_contract import TURN, new_conversation
-from tests.test_bad_input import Ledger, error_of
 
 DEADLINE = 10
 C = "/v1/conversations/{conversation_id}"
@@ -60,31 +58,20 @@ def app_routes(app) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
-def app(store, keys, principal):
-    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
+def app(store, api_keys):
     return create_app(Settings(database_url=None, api_keys=api_keys, heartbeat_seconds=0.05), store=store)
-
-
-def _client(app, key: str | None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatlog", headers=headers)
 
 
 @pytest.fixture
 async def alice(app, keys):
-    async with _client(app, keys["alice"]) as client:
+    async with asgi_client(app, bearer(keys["alice"])) as client:
         yield client
 
 
 @pytest.fixture
 async def bob(app, keys):
-    async with _client(app, keys["bob"]) as client:
+    async with asgi_client(app, bearer(keys["bob"])) as client:
         yield client
-
-
-@pytest.fixture
-def ledger(store, principal) -> Ledger:
-    return Ledger(store, [f"alice-{principal}", f"bob-{principal}"])
 
 
 def test_every_route_of_the_app_is_covered_here(app):
@@ -100,8 +87,7 @@ def test_every_route_of_the_app_is_covered_here(app):
 @pytest.mark.parametrize("method, path", sorted(CALLS))
 async def test_every_conversation_route_is_404_for_another_tenant(alice, bob, ledger, method, path):
     cid = await new_conversation(alice)
-    r = await alice.post(f"/v1/conversations/{cid}/events", json={"events": TURN})
-    assert r.status_code == 201, r.text
+    await append(alice, cid, TURN)
     url = path.format(conversation_id=cid, turn_id="t1")
     call = CALLS[(method, path)]
     await ledger.refused(bob.request(method, url, **call), 404, "not_found")
@@ -115,7 +101,7 @@ async def test_a_stream_token_opens_only_its_own_conversation(alice, bob, app, l
     await alice.post(f"/v1/conversations/{mine}/events", json={"events": TURN})
     theirs = await new_conversation(bob)
     token = (await bob.post(f"/v1/conversations/{theirs}/stream-token")).json()["token"]
-    async with _client(app, None) as anonymous:
+    async with asgi_client(app) as anonymous:
         for url in (f"/v1/conversations/{mine}/stream", f"/v1/conversations/{mine}/turns/t1/stream"):
             await ledger.refused(anonymous.get(url, params={"token": token, "follow": "false"}), 401, "unauthorized")
         # and it opens nothing but streams
@@ -133,18 +119,15 @@ async def test_lists_and_the_feed_show_another_tenant_nothing(alice, bob):
     assert [c["id"] for c in listed] == [theirs]
     # alice's id as bob's cursor pages nothing of hers
     assert (await bob.get("/v1/conversations", params={"before": mine[-1]})).json()["conversations"] == []
-    # the feed: wait (with a deadline) until alice's events are readable in hers, then look in bob's
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        hers = (await alice.get("/v1/events")).json()["events"]
-        if {e["conversation_id"] for e in hers} >= set(mine):
-            break
-        assert time.monotonic() < deadline, "alice's events never reached her feed"
-        await asyncio.sleep(0.05)
-    deadline = time.monotonic() + DEADLINE
-    while not (his := (await bob.get("/v1/events")).json()["events"]):
-        assert time.monotonic() < deadline, "bob's event never reached his feed"
-        await asyncio.sleep(0.05)
+    # the feed: wait until alice's events are readable in hers, then look in bob's
+    async def feed_of(client, holds):
+        events = (await client.get("/v1/events")).json()["events"]
+        return events if holds(events) else None
+
+    hers = await eventually(lambda: feed_of(alice, lambda events: {e["conversation_id"] for e in events} >= set(mine)),
+                            "alice's events reach her feed", timeout=DEADLINE, interval=0.05)
+    his = await eventually(lambda: feed_of(bob, bool), "bob's event reaches his feed", timeout=DEADLINE,
+                           interval=0.05)
     assert {e["conversation_id"] for e in his} == {theirs}
     assert not {e["id"] for e in his} & {e["id"] for e in hers}
 
@@ -173,8 +156,7 @@ async def test_api_keys_are_compared_in_constant_time_with_every_configured_key(
             assert given.encode() not in [a for a, _ in compared]
 
 
-async def test_keys_and_stream_tokens_never_reach_a_log_line(store, keys, principal, caplog, monkeypatch):
-    api_keys = f"{keys['alice']}=alice-{principal},{keys['bob']}=bob-{principal}"
+async def test_keys_and_stream_tokens_never_reach_a_log_line(store, keys, api_keys, principal, caplog, monkeypatch):
     app = create_app(Settings(database_url=None, api_keys=api_keys, token_secret=f"s-{principal}",
                               heartbeat_seconds=0.05), store=store)
     server = InProcessServer(app)
