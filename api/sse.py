@@ -1,17 +1,25 @@
 """Server-Sent Events framing and the resume point.
 
 Frames are built here and nowhere else: `id:`, `event:`, `data:`, blank line;
-`retry:` first; heartbeats are comments (`: ping`), never data frames.
+`retry:` first; heartbeats are comments (`: ping`), never data frames;
+`data: [DONE]` where the UI stream's renderer puts projections.ui.DONE.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import aclosing
+from typing import AsyncIterator, Callable, Iterable
 
 import orjson
 
 from api.errors import ApiError
 from api.models import MAX_SEQ
+from projections import ui
+from projections.compact import compact as compact_events
+
+# (live, events) -> the batch's items: (id, data) or (id, data, event name), or ui.DONE
+Render = Callable[[bool, list[dict]], Iterable[tuple | str]]
 
 RETRY_MS = 3000
 PING = b": ping\n\n"
@@ -41,6 +49,36 @@ def retry(ms: int = RETRY_MS) -> bytes:
 def frame(id_: str, data: dict, event: str | None = None) -> bytes:
     head = f"id: {id_}\n" + (f"event: {event}\n" if event else "")
     return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def body(batches: AsyncIterator[tuple[bool, list[dict]]], render: Render,
+               until_turn: str | None = None) -> AsyncIterator[bytes]:
+    """A response body: `retry:` first, then each batch's items as frames,
+    `: ping` for a heartbeat (an empty batch). A turn's stream (`until_turn`)
+    ends right after the turn's closing event."""
+    yield retry()
+    async with aclosing(batches):
+        async for live, events in batches:
+            if not events:
+                yield PING
+                continue
+            ended = False
+            if until_turn is not None:
+                events, ended = ui.through_turn_end(events, until_turn)
+            for item in render(live, events):
+                yield DONE if item is ui.DONE else frame(*item)
+            if ended:
+                return
+
+
+def event_frames(compact: bool) -> Render:
+    """format=events: a frame per stored event, id its seq, `event:` its type;
+    the catch-up compacted when asked (a live batch never: its deltas are sent
+    as they come)."""
+    def render(live: bool, events: list[dict]) -> Iterable[tuple[str, dict, str]]:
+        for event in events if live or not compact else compact_events(events):
+            yield str(event["seq"]), event, event["type"]
+    return render
 
 
 def resume_point(last_event_id: str | None, after: str | None) -> tuple[int, int | None]:

@@ -2,9 +2,11 @@
 
 Pure: `ui_chunks(state, event)` translates one stored event into the chunks it
 gives (zero or more) and updates `state` in place; `ui_frames` numbers them
-`<seq>:<k>`. The state is plain JSON with a version, like the history fold's,
-so a snapshot plus the remaining events gives exactly the frames a fold from
-seq 1 gives; nothing depends on dict key order (jsonb does not keep it).
+`<seq>:<k>`; `UiStream` gives a stream's frames batch by batch, with its
+`[DONE]` markers. The state is plain JSON with a version, like the history
+fold's, so a snapshot plus the remaining events gives exactly the frames a
+fold from seq 1 gives; nothing depends on dict key order (jsonb does not keep
+it).
 
 Every chunk passes the `ai` package's own `uiMessageChunkSchema` (checked by
 tests/test_ui_stream.py with the real SDK, 5.x and 6.x) and uses no field the
@@ -158,6 +160,64 @@ def _run_first_seq(state: dict, event: dict) -> int | None:
     if isinstance(first, int) and state["seq"] < first < event["seq"]:
         return first
     return None
+
+
+# -- a stream, batch by batch ---------------------------------------------------------
+
+# The item after the last frame of a turn-ending event: the SDK reads the
+# stream's `data: [DONE]` there (api/sse.py writes it).
+DONE = "[DONE]"
+
+
+def read_after(resume: tuple[int, int | None]) -> int:
+    """The seq a stream resuming at `resume` reads after: a `<seq>:<k>` point
+    is inside an event's frames, so that event itself is read again."""
+    seq, k = resume
+    return max(seq - 1 if k is not None else seq, 0)
+
+
+class UiStream:
+    """The frames of a `format=ui` stream, one batch of events at a time:
+    `(frame id, chunk)` items, and `DONE` right after the last frame of each
+    turn-ending event.
+
+    `state` is the translator's state right before the first batch (None: a
+    fresh one, right for a turn's own stream); the first batch holds the
+    resume point's event when frames of it are left to send. With `compact`
+    the stored batches are compacted (never a live one: its deltas are sent
+    as they come)."""
+
+    def __init__(self, resume: tuple[int, int | None], compact: bool, state: dict | None = None) -> None:
+        self.resume, self.compact = resume, compact
+        self.state = initial_ui_state() if state is None else state
+        self.first = True
+
+    def __call__(self, live: bool, events: list[dict]) -> Iterable[tuple[str, dict] | str]:
+        compacted = self.compact and not live
+        if self.first:
+            frames = ui_frames_after(events, self.resume, self.state, compacted=compacted)
+            self.first = False
+        else:
+            frames = ui_frames(compact(events) if compacted else events, self.state)
+        # a frame of a later event (by its id's seq) means the turn-ending
+        # event before it has given all its frames: [DONE] goes between
+        ends = [e["seq"] for e in events if is_turn_end(e)]
+        for frame_id, chunk in frames:
+            while ends and parse_frame_id(frame_id)[0] > ends[0]:
+                ends.pop(0)
+                yield DONE
+            yield frame_id, chunk
+        for _ in ends:
+            yield DONE
+
+
+def through_turn_end(events: list[dict], turn_id: str) -> tuple[list[dict], bool]:
+    """`events` up to and including the end of turn `turn_id`, and whether that
+    end is among them: a turn's own stream stops there."""
+    for i, event in enumerate(events):
+        if is_turn_end(event) and event["data"]["turn_id"] == turn_id:
+            return events[:i + 1], True
+    return events, False
 
 
 # -- parts and steps ---------------------------------------------------------------

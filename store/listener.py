@@ -14,6 +14,10 @@ failed, for STALL_SECONDS), the reader's stream ends, so its client resumes
 with Last-Event-ID on this or another process instead of waiting on a
 connection that says nothing.
 
+A stream (`Listener.stream`) is the stored events first, then the live ones:
+the hand-over resumes from the last seq read, and `follow` subscribes before
+it reads, so nothing falls between the two and nothing comes twice.
+
 Each followed conversation has one `Tail`, shared by all readers of it in this
 process: on a wake-up the tail reads the new events from the store ONCE and
 keeps the most recent ones in a bounded buffer; readers take what they need
@@ -29,6 +33,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -322,3 +327,26 @@ class Listener:
             if tail.readers == 0 and self.tails.get(key) is tail:
                 tail.close()
                 del self.tails[key]
+
+    async def stream(self, key: Key, after: int, upto: int, follow: bool,
+                     heartbeat: float) -> AsyncIterator[tuple[bool, list[dict]]]:
+        """(live, events) batches after `after`: the stored ones up to `upto`,
+        then with `follow` the live ones until shutdown (an empty live batch
+        is a heartbeat). Ends quietly when the store cannot be read
+        (Unavailable): the response has begun, so the client is told by the
+        end of the stream and resumes with Last-Event-ID, here later or on
+        another process."""
+        cursor = after
+        try:
+            while cursor < upto:
+                events = await self._read(key, cursor, min(1000, upto - cursor))
+                if not events:
+                    break
+                cursor = events[-1]["seq"]
+                yield False, events
+            if follow:
+                async with aclosing(self.follow(key, cursor, heartbeat)) as live:
+                    async for events in live:
+                        yield True, events
+        except Unavailable as exc:
+            log.warning("ending a stream: %s", exc.message)
