@@ -8,7 +8,8 @@
 - events: `TURN`, `user_event`, `tool_turns`, `long_turn`;
 - SSE: `SSEParser` and its `Frame` / `Comment` / `Retry`, `parse_sse`;
 - streams read while written: `Writer`, `read_a_long_turn_while_dropping`,
-  `read_a_long_turn_across_a_kill9`;
+  `read_a_long_turn_across_a_kill9`; what they leave in the process:
+  `our_tails`, `assert_nothing_left_behind`;
 - outages: `Outages`, `first_seen`, `events_locked`, `stored_log`.
 
 Fixtures live in conftest.py, servers and their SSE clients in servers.py.
@@ -448,6 +449,27 @@ async def read_a_long_turn_across_a_kill9(a, b, params: dict, kill_after: int,
             writer.run(), reader.run(done=lambda f: done(f, writer.last), on_frame=on_frame)), 60)
         stored = await stored_events(client_a, writer.cid)
     return KilledMidTurn(reader, stored, writer.start, writer.last, on_b, killed_at[0] if killed_at else None)
+
+
+# -- what streams leave in the process ----------------------------------------------------------
+
+
+def our_tails(store, cids: set[uuid.UUID]) -> dict:
+    return {key[1]: tail for key, tail in store.listener.tails.items() if key[1] in cids}
+
+
+async def assert_nothing_left_behind(store, cids: set[uuid.UUID], tasks_before: set) -> None:
+    """No tail of these conversations, no pooled connection out, no task left over."""
+    await eventually(lambda: not our_tails(store, cids), "every tail is gone")
+    await eventually(lambda: store.pool.get_idle_size() == store.pool.get_size(), "every pooled connection is back")
+
+    def leftover():
+        return [t for t in asyncio.all_tasks() - tasks_before if t is not asyncio.current_task() and not t.done()]
+
+    try:
+        await eventually(lambda: not leftover(), "no task left behind")
+    except AssertionError:
+        raise AssertionError("tasks left behind:\n" + "\n".join(repr(t) for t in leftover()[:20])) from None
 
 
 # -- outages ------------------------------------------------------------------------------------

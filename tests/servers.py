@@ -12,10 +12,11 @@ database, a process killed with SIGKILL. So:
 - `InProcessServer`: uvicorn serving `create_app(store=<the test store>)` in
   the test's own event loop, for tests that look inside the process
   (listener tails, asyncio tasks, the pool). Fixture: `inprocess_server`.
-- `open_sse` / `SSEStream`: an SSE parser that follows the spec (ids are
-  opaque strings, the last id persists across frames as in EventSource) and
-  an httpx response around it; `ResumingReader` keeps reading a stream across
-  drops, reconnecting with `Last-Event-ID` as a browser does.
+- `open_sse` / `SSEStream`: an httpx response read with the SSE parser of
+  tests/helpers.py (ids are opaque strings, the last id persists across frames
+  as in EventSource); `RawSSE`: the same over a bare socket; `ResumingReader`
+  and `FollowingReader` keep reading a stream across drops and outages,
+  reconnecting with `Last-Event-ID` as a browser does.
 
 Test modules use it with `pytest_plugins = ("tests.servers",)` (PYTEST_DONT_REWRITE: they
 import it before pytest loads it as a plugin).
@@ -40,6 +41,8 @@ from typing import AsyncIterator, Callable
 import httpx
 import pytest
 
+from tests.helpers import Comment, Frame, Item, SSEParser, bearer, eventually
+
 CHATLOG = Path(sys.executable).parent / "chatlog"
 
 # Keys every real server of the session accepts (the database is this run's own).
@@ -49,7 +52,7 @@ HEARTBEAT_SECONDS = 1.0
 
 
 def auth(principal: str = "alice") -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[principal]}"}
+    return bearer(KEYS[principal])
 
 
 def free_port() -> int:
@@ -79,9 +82,9 @@ class ChatlogServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self, principal: str | None = "alice", **kwargs) -> httpx.AsyncClient:
+    def client(self, principal: str | None = "alice", timeout: float = 15.0, **kwargs) -> httpx.AsyncClient:
         headers = auth(principal) if principal else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(15.0), **kwargs)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout), **kwargs)
 
     async def start(self, timeout: float = 30.0) -> "ChatlogServer":
         for _ in range(3):  # a free port can be taken between free_port() and bind
@@ -251,12 +254,15 @@ class InProcessServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> "InProcessServer":
+    async def start(self, timeout: float = 30.0) -> "InProcessServer":
         self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]), name="test-uvicorn")
-        while not self.server.started:
+
+        def started() -> bool:
             if self.task.done():
-                self.task.result()
-            await asyncio.sleep(0.01)
+                self.task.result()  # it failed to start: its exception
+            return self.server.started
+
+        await eventually(started, "uvicorn to start serving", timeout=timeout, interval=0.01)
         return self
 
     async def stop(self) -> None:
@@ -278,74 +284,6 @@ async def inprocess_server(store):
 
 
 # -- SSE -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Frame:
-    """A dispatched SSE event. `id` is the stream's last event id when it was dispatched."""
-
-    id: str | None
-    event: str | None
-    data: str
-
-    def json(self):
-        import orjson
-
-        return orjson.loads(self.data)
-
-
-@dataclass(frozen=True)
-class Comment:
-    text: str
-
-
-@dataclass(frozen=True)
-class Retry:
-    ms: int
-
-
-Item = Frame | Comment | Retry
-
-
-class SSEParser:
-    """The WHATWG event-stream interpretation, fed bytes; returns what each feed completes.
-
-    Only complete lines are interpreted and only a blank line dispatches, so a
-    connection cut mid-frame leaves that frame undelivered, as in a browser.
-    """
-
-    def __init__(self, last_event_id: str | None = None) -> None:
-        self.last_event_id = last_event_id
-        self._pending = b""
-        self._data: list[str] = []
-        self._event: str | None = None
-        self._id = last_event_id
-
-    def feed(self, chunk: bytes) -> list[Item]:
-        self._pending += chunk
-        *lines, self._pending = self._pending.split(b"\n")
-        out: list[Item] = []
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode()
-            if not line:
-                self.last_event_id = self._id
-                if self._data:
-                    out.append(Frame(self._id, self._event, "\n".join(self._data)))
-                self._data, self._event = [], None
-                continue
-            name, colon, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if not name:
-                out.append(Comment(value))
-            elif name == "data":
-                self._data.append(value)
-            elif name == "event":
-                self._event = value
-            elif name == "id" and "\0" not in value:
-                self._id = value
-            elif name == "retry" and value.isdigit():
-                out.append(Retry(int(value)))
-        return out
 
 
 class SSEStream:

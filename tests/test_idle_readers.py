@@ -15,8 +15,8 @@ import uuid
 
 import httpx
 
+from tests.helpers import append, assert_nothing_left_behind, eventually, new_conversation, our_tails, parse_sse
 from tests.servers import RawSSE, auth
-from tests.test_stream_resources import assert_nothing_left_behind, eventually, our_tails
 
 pytest_plugins = ("tests.servers",)
 
@@ -34,10 +34,9 @@ async def test_readers_that_never_read_share_bounded_tails_and_leave_nothing_whe
     async with httpx.AsyncClient(base_url=inprocess_server.url, headers=headers, timeout=30) as client:
         cids = []
         for _ in range(CONVERSATIONS):
-            cid = (await client.post("/v1/conversations", json={})).json()["id"]
-            assert (await client.post(f"/v1/conversations/{cid}/events", json={"events": [
-                {"type": "message.user", "data": {"content": "go"}},
-                {"type": "turn.started", "data": {"turn_id": "t"}}]})).status_code == 201
+            cid = await new_conversation(client)
+            await append(client, cid, [{"type": "message.user", "data": {"content": "go"}},
+                                       {"type": "turn.started", "data": {"turn_id": "t"}}])
             cids.append(cid)
         ours = {uuid.UUID(c) for c in cids}
         try:
@@ -54,11 +53,9 @@ async def test_readers_that_never_read_share_bounded_tails_and_leave_nothing_whe
             last = {}
             for b in range(BATCHES):
                 cid = cids[b % CONVERSATIONS]
-                r = await client.post(f"/v1/conversations/{cid}/events", json={"events": [
+                last[cid] = (await append(client, cid, [
                     {"type": "text.delta", "data": {"turn_id": "t", "text": f"{b}-{i} " + "x" * 200}}
-                    for i in range(100)]})
-                assert r.status_code == 201, r.text
-                last[cid] = r.json()["last_seq"]
+                    for i in range(100)]))["last_seq"]
 
             # one tail per conversation, shared by its readers, its buffer within bounds
             tails = our_tails(store, ours)
@@ -76,5 +73,5 @@ async def test_readers_that_never_read_share_bounded_tails_and_leave_nothing_whe
             r = await client.get(f"/v1/conversations/{cid}/stream", params={"compact": "false", "follow": "false"},
                                  headers={"Accept": "text/event-stream"})
             assert r.status_code == 200
-            ids = [int(line[3:]) for line in r.text.split("\n") if line.startswith("id:")]
+            ids = [int(f.id) for f in parse_sse(r.text)]
             assert ids == list(range(1, last[cid] + 1))

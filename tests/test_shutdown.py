@@ -10,26 +10,16 @@ import time
 
 import pytest
 
-from tests.servers import Frame, ResumingReader, open_sse
+from tests.helpers import Frame, append, eventually, new_conversation
+from tests.servers import ResumingReader, open_sse
 
 pytest_plugins = ("tests.servers",)
 
 EXIT_BOUND_SECONDS = 8.0  # before: never (uvicorn waited for the SSE clients forever)
 
 
-async def append(client, cid: str, events: list[dict]) -> int:
-    r = await client.post(f"/v1/conversations/{cid}/events", json={"events": events})
-    assert r.status_code == 201, r.text
-    return r.json()["last_seq"]
-
-
 def deltas(n: int, tag: str) -> list[dict]:
     return [{"type": "text.delta", "data": {"turn_id": "t1", "text": f"{tag}-{i} "}} for i in range(n)]
-
-
-def frame_key(frame: Frame) -> tuple[int, int]:
-    seq, _, k = frame.id.partition(":")
-    return int(seq), int(k or 0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -38,8 +28,7 @@ async def test_a_signal_ends_open_streams_and_the_process_exits_promptly_and_qui
     a = chatlog_servers[0]
     doomed = await start_server("doomed")
     async with a.client() as client_a, doomed.client() as client_x:
-        r = await client_a.post("/v1/conversations", json={})
-        cid = r.json()["id"]
+        cid = await new_conversation(client_a)
         await append(client_a, cid, [{"type": "message.user", "data": {"content": "go"}},
                                      {"type": "turn.started", "data": {"turn_id": "t1"}}, *deltas(3, "before")])
         readers = [ResumingReader([client_x, client_a], f"/v1/conversations/{cid}/stream",
@@ -52,21 +41,17 @@ async def test_a_signal_ends_open_streams_and_the_process_exits_promptly_and_qui
 
         tasks = [asyncio.create_task(reader.run(done=done)) for reader in readers]
         try:
-            deadline = time.monotonic() + 20
-            while not all(len(reader.frames) >= 5 for reader in readers):
-                assert time.monotonic() < deadline, "the readers did not catch up"
-                await asyncio.sleep(0.05)
+            await eventually(lambda: all(len(reader.frames) >= 5 for reader in readers), "the readers catch up",
+                             timeout=20, interval=0.05)
 
             writing = asyncio.create_task(append(client_a, cid, deltas(3, "during")))
             signalled = time.monotonic()
             doomed._signal(signum)
-            while doomed.alive:
-                assert time.monotonic() - signalled < EXIT_BOUND_SECONDS, "the server did not exit in time"
-                await asyncio.sleep(0.05)
+            await eventually(lambda: not doomed.alive, "the server exits", timeout=EXIT_BOUND_SECONDS, interval=0.05)
             took = time.monotonic() - signalled
             await writing
-            last["seq"] = await append(client_a, cid, [*deltas(2, "after"), {
-                "type": "turn.finished", "data": {"turn_id": "t1", "finish_reason": "stop"}}])
+            last["seq"] = (await append(client_a, cid, [*deltas(2, "after"), {
+                "type": "turn.finished", "data": {"turn_id": "t1", "finish_reason": "stop"}}]))["last_seq"]
             await asyncio.wait_for(asyncio.gather(*tasks), 30)
         finally:
             for task in tasks:

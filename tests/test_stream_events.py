@@ -9,91 +9,21 @@ end with their turn, and stream tokens open one conversation's streams only.
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
-from typing import Callable
 
-import httpx
 import pytest
 
-from tests.servers import Comment, Frame, ResumingReader, Retry, open_sse
+from tests.helpers import (Comment, Frame, Retry, a_long_turn_to_write, append, eventually, frame_seq,
+                           new_conversation, read_a_long_turn_across_a_kill9, read_a_long_turn_while_dropping,
+                           seeded_rng, stored_events)
+from tests.servers import ResumingReader, open_sse
 
 pytest_plugins = ("tests.servers",)
 
 DELTAS = {"text.delta": "turn_id", "reasoning.delta": "turn_id", "tool_call.delta": "tool_call_id"}
-TURN_ENDS = {"turn.finished", "turn.cancelled", "turn.failed"}
-# Texts a naive SSE writer would break: newlines, CRs, things that look like SSE fields, non-ASCII.
-TRICKY = [" the", "\n\n", "data: x\n\nid: 99\n\n", "\r\n", "é—😀", "\u2028", ": ping", "event: turn.finished",
-          "{\"json\": true}", "  ", "retry: 1"]
 
 
 # -- helpers ----------------------------------------------------------------------
-
-
-async def new_conversation(client: httpx.AsyncClient) -> str:
-    r = await client.post("/v1/conversations", json={"metadata": {"test": "stream"}})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-async def append(client: httpx.AsyncClient, cid: str, events: list[dict]) -> dict:
-    r = await client.post(f"/v1/conversations/{cid}/events", json={"events": events})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-async def stored_events(client: httpx.AsyncClient, cid: str) -> dict[int, dict]:
-    by_seq, after = {}, 0
-    while True:
-        r = await client.get(f"/v1/conversations/{cid}/events", params={"after": after, "compact": "false"})
-        assert r.status_code == 200, r.text
-        events = r.json()["events"]
-        if not events:
-            return by_seq
-        by_seq.update((e["seq"], e) for e in events)
-        after = events[-1]["seq"]
-
-
-def long_turn(rng: random.Random, turn_id: str, at_least: int = 400) -> list[dict]:
-    """A turn as a model streams it: interleaved runs of text and reasoning,
-    tool calls with argument fragments, results (pending, then final)."""
-    events = [{"type": "turn.started", "data": {"turn_id": turn_id, "model": "m"}}]
-    calls = 0
-    while len(events) < at_least:
-        kind = rng.choice(["text", "text", "reasoning", "tool"])
-        if kind == "tool":
-            calls += 1
-            call = f"{turn_id}-call-{calls}"
-            arguments = '{"query": "' + "".join(rng.choice("abc xyz") for _ in range(40)) + '", "n": 3}'
-            cuts = sorted(rng.sample(range(1, len(arguments)), rng.randint(1, 14)))
-            parts = [arguments[i:j] for i, j in zip([0, *cuts], [*cuts, len(arguments)])]
-            events.append({"type": "tool_call.started", "data": {"turn_id": turn_id, "tool_call_id": call,
-                                                                 "name": "search"}})
-            events += [{"type": "tool_call.delta", "data": {"tool_call_id": call, "text": p}} for p in parts]
-            events.append({"type": "tool_call.completed", "data": {"tool_call_id": call}})
-            if rng.random() < 0.5:
-                events.append({"type": "tool.result", "data": {"tool_call_id": call, "content": "working",
-                                                               "status": "pending"}})
-            events.append({"type": "tool.result", "data": {"tool_call_id": call, "content": {"hits": calls},
-                                                           "status": "ok"}})
-        else:
-            type_ = f"{kind}.delta"
-            events += [{"type": type_, "data": {"turn_id": turn_id, "text": rng.choice(TRICKY)}}
-                       for _ in range(rng.randint(1, 12))]
-    events.append({"type": "turn.finished", "data": {"turn_id": turn_id, "finish_reason": "stop",
-                                                     "usage": {"prompt_tokens": 1, "completion_tokens": 2,
-                                                               "total_tokens": 3}}})
-    return events
-
-
-def seeded_rng() -> random.Random:
-    seed = random.randrange(1 << 32)
-    print(f"random seed {seed}")  # shown with a failure: rerun with random.Random(seed)
-    return random.Random(seed)
-
-
-def frame_seq(frame: Frame) -> int:
-    return int(frame.id.split(":")[0])
 
 
 def assert_frames_are_the_log(frames: list[Frame], stored: dict[int, dict], after: int, last: int,
@@ -128,66 +58,7 @@ def assert_frames_are_the_log(frames: list[Frame], stored: dict[int, dict], afte
     return kinds
 
 
-class Writer:
-    """Appends a list of events in small batches, never more than `lag` events
-    ahead of what the reader has received, so writing and reading interleave
-    on any machine (the reader reads WHILE the turn is written)."""
-
-    def __init__(self, client: httpx.AsyncClient, cid: str, events: list[dict], rng: random.Random) -> None:
-        self.client, self.cid, self.events, self.rng = client, cid, events, rng
-        self.received = 0  # highest seq the reader has received
-        self.written = 0
-
-    def saw(self, frame: Frame) -> None:
-        self.received = max(self.received, frame_seq(frame))
-
-    async def run(self, max_lag: int = 6) -> None:
-        i = 0
-        while i < len(self.events):
-            lag = self.rng.randint(0, max_lag)
-            while self.written - self.received > lag:
-                await asyncio.sleep(0.002)
-            batch = self.events[i:i + self.rng.randint(1, 4)]
-            self.written = (await append(self.client, self.cid, batch))["last_seq"]
-            i += len(batch)
-
-
-def dropper(rng: random.Random, most: int = 4):
-    """Hang up after a random 1..most frames of each connection; half the
-    time a few bytes into the next frame, so a partial frame is thrown away."""
-    state = {"at": 0}
-
-    def drop(count: int) -> int | None:
-        if count == 1:
-            state["at"] = rng.randint(1, most)
-        if count >= state["at"]:
-            return 0 if rng.random() < 0.5 else rng.randint(1, 120)
-        return None
-
-    return drop
-
-
 # -- resume exactness ---------------------------------------------------------------
-
-
-async def read_a_long_turn_while_dropping(client: httpx.AsyncClient, params: dict,
-                                          done: Callable[[Frame, int], bool]) -> tuple[ResumingReader, dict, int]:
-    """Write a long turn while a reader follows `/stream` with `params`, hanging
-    up at random frames; returns (the reader, the stored events, the last seq)."""
-    rng = seeded_rng()
-    cid = await new_conversation(client)
-    turn = long_turn(rng, "t1")
-    # some of the turn is already stored when the reader arrives: its first catch-up has whole runs
-    head = (await append(client, cid, [{"type": "message.user", "data": {"content": "go"}}, *turn[:40]]))[
-        "last_seq"]
-    rest = turn[40:]
-    last = head + len(rest)
-    writer = Writer(client, cid, rest, rng)
-    writer.received = head
-    reader = ResumingReader([client], f"/v1/conversations/{cid}/stream", params=params)
-    await asyncio.wait_for(asyncio.gather(
-        writer.run(), reader.run(done=lambda f: done(f, last), drop=dropper(rng), on_frame=writer.saw)), 60)
-    return reader, await stored_events(client, cid), last
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["compact=false", "compact=true"])
@@ -210,43 +81,14 @@ async def test_live_events_cross_processes_and_a_reader_survives_kill9(chatlog_s
     """Append through A while reading from B (live, via B's own LISTEN); SIGKILL
     B mid-turn; the reader resumes on A with Last-Event-ID: nothing missed,
     nothing repeated."""
-    a = chatlog_servers[0]
     b = await start_server("B-killed")
-    rng = seeded_rng()
-    async with a.client() as client_a, b.client() as client_b:
-        cid = await new_conversation(client_a)
-        start = (await append(client_a, cid, [{"type": "message.user", "data": {"content": "go"}}]))["last_seq"]
-        turn = long_turn(rng, "t1", at_least=150)
-        last = start + len(turn)
-        writer = Writer(client_a, cid, turn, rng)
-        writer.received = start
-        reader = ResumingReader([client_b, client_a], f"/v1/conversations/{cid}/stream",
-                                params={"compact": "false"})
-        live_on_b: list[int] = []
-        killed_at: list[int] = []
+    run = await read_a_long_turn_across_a_kill9(chatlog_servers[0], b, {"compact": "false"}, kill_after=40,
+                                                done=lambda frame, last: frame_seq(frame) >= last)
 
-        def on_frame(frame: Frame) -> None:
-            writer.saw(frame)
-            if reader.use_client == 0 and frame_seq(frame) > start:
-                live_on_b.append(frame_seq(frame))
-                if len(live_on_b) == 40:
-                    killed_at.append(frame_seq(frame))
-                    b.kill9()
-
-        async def write_when_b_is_caught_up():
-            # B has sent everything stored: from here on, B can only deliver what its LISTEN hears
-            while writer.received < start:
-                await asyncio.sleep(0.005)
-            await writer.run()
-
-        await asyncio.wait_for(asyncio.gather(
-            write_when_b_is_caught_up(), reader.run(done=lambda f: frame_seq(f) >= last, on_frame=on_frame)), 60)
-        stored = await stored_events(client_a, cid)
-
-    assert not b.alive and killed_at and len(live_on_b) >= 40
-    assert killed_at[0] < last - 20, "B must die mid-turn"
-    assert reader.connections == 2, "one connection to B, then one to A"
-    assert_frames_are_the_log(reader.frames, stored, 0, last, compacted=False)
+    assert not b.alive and run.killed_at is not None and len(run.on_b) >= 40
+    assert run.killed_at < run.last - 20, "B must die mid-turn"
+    assert run.reader.connections == 2, "one connection to B, then one to A"
+    assert_frames_are_the_log(run.reader.frames, run.stored, 0, run.last, compacted=False)
 
 
 async def test_a_lost_listen_connection_loses_no_event(chatlog_servers, store):
@@ -256,18 +98,14 @@ async def test_a_lost_listen_connection_loses_no_event(chatlog_servers, store):
     a = chatlog_servers[0]
     rng = seeded_rng()
     async with a.client() as client:
-        cid = await new_conversation(client)
-        start = (await append(client, cid, [{"type": "message.user", "data": {"content": "go"}}]))["last_seq"]
-        turn = long_turn(rng, "t1", at_least=120)
-        last = start + len(turn)
-        writer = Writer(client, cid, turn, rng)
-        writer.received = start
+        writer = await a_long_turn_to_write(client, rng, at_least=120)
+        cid, start, last = writer.cid, writer.start, writer.last
         reader = ResumingReader([client], f"/v1/conversations/{cid}/stream", params={"compact": "false"})
         terminated = []
 
         async def terminate_listeners():
-            while writer.received < start + 40:
-                await asyncio.sleep(0.005)
+            await eventually(lambda: writer.received >= start + 40, f"the reader to receive seq {start + 40}",
+                             timeout=30, interval=0.005)
             terminated.append(await store.pool.fetchval(
                 """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                     WHERE datname = current_database() AND application_name = 'chatlog-listener'"""))
@@ -487,10 +325,10 @@ async def test_nothing_is_streamed_before_it_is_committed(chatlog_servers, store
 
         inserted, release = asyncio.Event(), asyncio.Event()
         held = {"rows": None, "roll_back": False}
-        real_insert = store._insert
+        real_write = store._write
 
-        async def held_insert(tx, conversation_id, *args, **kwargs):
-            stored = await real_insert(tx, conversation_id, *args, **kwargs)
+        async def held_write(tx, sql, principal, conversation_id, *args, **kwargs):
+            stored = await real_write(tx, sql, principal, conversation_id, *args, **kwargs)
             if str(conversation_id) == cid:
                 held["rows"] = await tx.conn.fetchval(
                     "SELECT count(*) FROM events WHERE conversation_id = $1 AND seq > 3", conversation_id)
@@ -500,7 +338,7 @@ async def test_nothing_is_streamed_before_it_is_committed(chatlog_servers, store
                     raise RuntimeError("this transaction rolls back")
             return stored
 
-        monkeypatch.setattr(store, "_insert", held_insert)
+        monkeypatch.setattr(store, "_write", held_write)
 
         async def frames_during_two_heartbeats(client) -> list[Frame]:
             """Follow after seq 3 for two heartbeats (each makes the tail re-read the store)."""

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import uuid
 
 import httpx
 
+from tests.helpers import append, assert_nothing_left_behind, eventually, new_conversation, our_tails
 from tests.servers import RawSSE, auth
 
 pytest_plugins = ("tests.servers",)
@@ -25,39 +25,11 @@ STREAMS = 1000
 WAVE = 100
 
 
-async def eventually(check, what: str, timeout: float = 20.0):
-    """Wait until check() is truthy (a deadline, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout:.0f}s: {what}")
-        await asyncio.sleep(0.02)
-    return value
-
-
 async def listen_connections(store) -> int:
     """LISTEN connections on this run's database (every process's listener)."""
     return await store.pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = 'chatlog-listener'")
-
-
-def our_tails(store, cids: set[uuid.UUID]) -> dict:
-    return {key[1]: tail for key, tail in store.listener.tails.items() if key[1] in cids}
-
-
-async def assert_nothing_left_behind(store, cids: set[uuid.UUID], tasks_before: set) -> None:
-    """No tail of these conversations, no pooled connection out, no task left over."""
-    await eventually(lambda: not our_tails(store, cids), "every tail is gone")
-    await eventually(lambda: store.pool.get_idle_size() == store.pool.get_size(), "every pooled connection is back")
-
-    def leftover():
-        return [t for t in asyncio.all_tasks() - tasks_before if t is not asyncio.current_task() and not t.done()]
-
-    try:
-        await eventually(lambda: not leftover(), "no task left behind")
-    except AssertionError:
-        raise AssertionError("tasks left behind:\n" + "\n".join(repr(t) for t in leftover()[:20])) from None
 
 
 async def test_a_thousand_dropped_streams_leave_nothing_behind(inprocess_server, store):
@@ -74,11 +46,11 @@ async def test_a_thousand_dropped_streams_leave_nothing_behind(inprocess_server,
 
     async with httpx.AsyncClient(base_url=inprocess_server.url, headers=headers) as client:
         async def conversation(deltas: int, size: int) -> str:
-            cid = (await client.post("/v1/conversations", json={})).json()["id"]
-            events = [{"type": "message.user", "data": {"content": "hi"}},
-                      {"type": "turn.started", "data": {"turn_id": "t"}},
-                      *({"type": "text.delta", "data": {"turn_id": "t", "text": "x" * size}} for _ in range(deltas))]
-            assert (await client.post(f"/v1/conversations/{cid}/events", json={"events": events})).status_code == 201
+            cid = await new_conversation(client)
+            await append(client, cid, [{"type": "message.user", "data": {"content": "hi"}},
+                                       {"type": "turn.started", "data": {"turn_id": "t"}},
+                                       *({"type": "text.delta", "data": {"turn_id": "t", "text": "x" * size}}
+                                         for _ in range(deltas))])
             return cid
 
         cids = [await conversation(60, 200) for _ in range(CONVERSATIONS)]
@@ -160,10 +132,9 @@ async def test_a_reader_that_stops_reading_slows_no_one_and_still_gets_everythin
     texts = 1500
     big = "z" * 1000
     async with httpx.AsyncClient(base_url=inprocess_server.url, headers=headers, timeout=30) as client:
-        cid = (await client.post("/v1/conversations", json={})).json()["id"]
-        assert (await client.post(f"/v1/conversations/{cid}/events", json={"events": [
-            {"type": "message.user", "data": {"content": "hi"}},
-            {"type": "turn.started", "data": {"turn_id": "t"}}]})).status_code == 201
+        cid = await new_conversation(client)
+        await append(client, cid, [{"type": "message.user", "data": {"content": "hi"}},
+                                   {"type": "turn.started", "data": {"turn_id": "t"}}])
         last = 3 + texts
         path = f"/v1/conversations/{cid}/stream?compact=false"
 
@@ -188,9 +159,8 @@ async def test_a_reader_that_stops_reading_slows_no_one_and_still_gets_everythin
 
         async def write():
             for start in range(0, texts, 50):
-                r = await client.post(f"/v1/conversations/{cid}/events", json={"events": [
-                    {"type": "text.delta", "data": {"turn_id": "t", "text": f"{start + i} {big}"}} for i in range(50)]})
-                assert r.status_code == 201, r.text
+                await append(client, cid, [
+                    {"type": "text.delta", "data": {"turn_id": "t", "text": f"{start + i} {big}"}} for i in range(50)])
 
         fast_frames, _ = await asyncio.wait_for(asyncio.gather(
             fast.frames_until(lambda f: int(f.id) == last), write()), 60)

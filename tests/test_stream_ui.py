@@ -8,31 +8,24 @@ after any `<seq>:<k>` id (after drops, on another process) is exact.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import orjson
 import pytest
 
 from projections import ui
-from tests.servers import Frame, ResumingReader, open_sse
-from tests.test_stream_events import (Writer, append, long_turn, new_conversation, read_a_long_turn_while_dropping,
-                                      seeded_rng, stored_events)
-from tests.test_ui_stream import assert_agrees_with_history, sse_body
-from tests.uisdk import check_sse
+from store.folds import SNAPSHOT_EVERY
+from tests.helpers import (Frame, append, frame_key, new_conversation, parse_sse, read_a_long_turn_across_a_kill9,
+                           read_a_long_turn_while_dropping, stored_events, tool_turns)
+from tests.servers import open_sse
+from tests.uisdk import assert_agrees_with_history, check_sse, sse_body, sse_text
 
 pytest_plugins = ("tests.servers",)
 
 
-def frame_key(frame: Frame) -> tuple[int, int]:
-    seq, k = frame.id.split(":")
-    return int(seq), int(k)
-
-
 def body_of(frames: list[Frame]) -> str:
     """The frames as one SSE body (what one uninterrupted connection would carry)."""
-    out = []
-    for frame in frames:
-        out.append("data: [DONE]\n\n" if frame.data == "[DONE]" else f"id: {frame.id}\ndata: {frame.data}\n\n")
-    return "".join(out)
+    return sse_text((None if frame.data == "[DONE]" else frame.id, frame.data) for frame in frames)
 
 
 def sdk_messages(body: str) -> list[dict]:
@@ -71,35 +64,13 @@ async def test_ui_resume_after_random_drops_repeats_and_misses_no_frame(chatlog_
 
 
 async def test_ui_stream_from_another_process_survives_kill9(chatlog_servers, start_server):
-    a = chatlog_servers[0]
     b = await start_server("B-ui-killed")
-    rng = seeded_rng()
-    async with a.client() as client_a, b.client() as client_b:
-        cid = await new_conversation(client_a)
-        start = (await append(client_a, cid, [{"type": "message.user", "data": {"content": "go"}}]))["last_seq"]
-        turn = long_turn(rng, "t1", at_least=150)
-        writer = Writer(client_a, cid, turn, rng)
-        writer.received = start
-        reader = ResumingReader([client_b, client_a], f"/v1/conversations/{cid}/stream",
-                                params={"format": "ui", "compact": "false"})
-        seen_on_b = []
+    run = await read_a_long_turn_across_a_kill9(chatlog_servers[0], b, {"format": "ui", "compact": "false"},
+                                                kill_after=60, done=lambda frame, _: frame.data == "[DONE]")
 
-        def on_frame(frame: Frame) -> None:
-            if frame.data == "[DONE]":
-                return
-            writer.received = max(writer.received, frame_key(frame)[0])
-            if reader.use_client == 0:
-                seen_on_b.append(frame.id)
-                if len(seen_on_b) == 60:
-                    b.kill9()
-
-        await asyncio.wait_for(asyncio.gather(
-            writer.run(), reader.run(done=lambda f: f.data == "[DONE]", on_frame=on_frame)), 60)
-        stored = list((await stored_events(client_a, cid)).values())
-
-    assert not b.alive and len(seen_on_b) >= 60 and reader.connections == 2
-    frames = [f for f in reader.frames if f.data != "[DONE]"]
-    assert [(f.id, f.json()) for f in frames] == [(i, c) for i, c in ui.ui_frames(stored)]
+    assert not b.alive and len(run.on_b) >= 60 and run.reader.connections == 2
+    frames = [f for f in run.reader.frames if f.data != "[DONE]"]
+    assert [(f.id, f.json()) for f in frames] == [(i, c) for i, c in ui.ui_frames(list(run.stored.values()))]
 
 
 async def test_ui_turn_stream_is_the_turn_for_the_sdk_resume(chatlog_servers):
@@ -174,34 +145,12 @@ async def test_a_bad_resume_id_is_422(chatlog_servers):
         assert r.status_code == 422 and orjson.loads(r.content)["error"]["code"] == "invalid_request"
 
 
-def _parse_body(text: str) -> list[tuple[str, dict]]:
-    frames = []
-    for block in text.split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
-        if "id" in lines and lines.get("data") != "[DONE]":
-            frames.append((lines["id"], orjson.loads(lines["data"])))
-    return frames
-
-
 async def test_ui_resume_deep_in_a_long_conversation_uses_snapshots_and_stays_exact(client, store):
     """The translator's state comes from a snapshot + tail (not a fold from seq 1);
     the frames after any resume point are the same with or without snapshot rows."""
-    import uuid as uuid_module
-
-    from store.folds import SNAPSHOT_EVERY
-
-    cid = (await client.post("/v1/conversations", json={})).json()["id"]
-    events = []
-    for t in range(8):
-        events += [{"type": "message.user", "data": {"content": f"q{t}"}},
-                   {"type": "turn.started", "data": {"turn_id": f"t{t}"}}]
-        events += [{"type": "text.delta", "data": {"turn_id": f"t{t}", "text": f"w{i} "}} for i in range(70)]
-        events += [{"type": "tool_call.started", "data": {"turn_id": f"t{t}", "tool_call_id": f"c{t}", "name": "f"}},
-                   {"type": "tool_call.completed", "data": {"tool_call_id": f"c{t}", "arguments": "{}"}},
-                   {"type": "turn.finished", "data": {"turn_id": f"t{t}", "finish_reason": "tool_calls"}}]
-        if t % 2:  # a late result while its turn's message is still the latest
-            events.append({"type": "tool.result", "data": {"tool_call_id": f"c{t}", "content": t, "status": "ok"}})
-    assert (await client.post(f"/v1/conversations/{cid}/events", json={"events": events})).status_code == 201
+    cid = await new_conversation(client)
+    # odd turns' results come late, while their turn's message is still the latest
+    await append(client, cid, tool_turns(8, deltas=70, answered=lambda t: t % 2))
     stored = (await client.get(f"/v1/conversations/{cid}/events")).json()["events"]
     assert len(stored) > 2 * SNAPSHOT_EVERY
     points = ["0", "5:0", f"{SNAPSHOT_EVERY}:0", f"{SNAPSHOT_EVERY + 1}", f"{2 * SNAPSHOT_EVERY + 3}:1",
@@ -211,17 +160,17 @@ async def test_ui_resume_deep_in_a_long_conversation_uses_snapshots_and_stays_ex
         r = await client.get(f"/v1/conversations/{cid}/stream",
                              params={"format": "ui", "follow": "false", "compact": "false", "after": point})
         assert r.status_code == 200
-        return _parse_body(r.text)
+        return [(f.id, f.json()) for f in parse_sse(r.text) if f.data != "[DONE]"]
 
     store.ui_states.forget()
     first = {p: await frames_after(p) for p in points}
     await store.ui_states.flush()
     saved = await store.pool.fetchval("SELECT count(*) FROM ui_snapshots WHERE conversation_id = $1",
-                                      uuid_module.UUID(cid))
+                                      uuid.UUID(cid))
     assert saved >= 2, "reading deep into the conversation saved no UI snapshot"
     for point in points:
         assert first[point] == ui.ui_frames_after(stored, point), point
-    await store.pool.execute("DELETE FROM ui_snapshots WHERE conversation_id = $1", uuid_module.UUID(cid))
+    await store.pool.execute("DELETE FROM ui_snapshots WHERE conversation_id = $1", uuid.UUID(cid))
     store.ui_states.forget()
     for point in reversed(points):
         assert await frames_after(point) == first[point], point
