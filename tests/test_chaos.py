@@ -30,15 +30,14 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-import asyncpg
 import httpx
 import orjson
 import pytest
 
 from tests.faultproxy import FaultProxy
+from tests.helpers import (REQUEST_TIMEOUT, STALL_BOUND, Outages, error_of, events_locked, first_seen,
+                           new_conversation, outcome_unknown, stored_log, user_event)
 from tests.servers import ChatlogServer, FollowingReader, open_sse
-from tests.test_outage import (REQUEST_TIMEOUT, STALL_BOUND, Outages, client_for, error_of, first_seen, outcome_unknown,
-                               user_event)
 
 pytest_plugins = ("tests.servers", "tests.pgcluster")
 
@@ -75,18 +74,6 @@ async def proxied(make_proxied):
     return await make_proxied("proxied")
 
 
-async def stored_log(database_url: str, principal: str | None = None) -> list[dict]:
-    """Every stored event (of `principal`), by position, read from PostgreSQL itself."""
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        rows = await conn.fetch(
-            """SELECT conversation_id::text AS conversation_id, seq, position, id, type, data::text AS data
-                 FROM events WHERE $1::text IS NULL OR principal = $1 ORDER BY position""", principal)
-    finally:
-        await conn.close()
-    return [{**dict(row), "data": orjson.loads(row["data"])} for row in rows]
-
-
 def marker_of(event: dict) -> str:
     """What identifies an event this suite wrote, even one written without an id."""
     data = event["data"]
@@ -112,8 +99,8 @@ async def post(client: httpx.AsyncClient, cid: str, body: dict) -> httpx.Respons
 async def test_a_commit_whose_reply_is_lost_is_answered_with_the_truth(proxied, kind, with_ids):
     """The store can still be asked: the server learns what became of its COMMIT and says so."""
     server, proxy, url = proxied
-    async with client_for(server, timeout=15.0) as client:
-        cid = (await client.post("/v1/conversations", json={})).json()["id"]
+    async with server.client() as client:
+        cid = await new_conversation(client)
         marker = f"{kind}-{uuid.uuid4().hex}"
         proxy.arm(kind)
         started = time.monotonic()
@@ -139,25 +126,18 @@ async def test_a_lost_reply_to_a_group_commit_answers_each_append_once(proxied):
     """Group commit: the appends that shared a transaction whose COMMIT reply was lost each get
     the truth, and none is written twice (by re-running it alone, say)."""
     server, proxy, url = proxied
-    async with client_for(server, timeout=15.0) as client:
-        cids = [(await client.post("/v1/conversations", json={})).json()["id"] for _ in range(12)]
+    async with server.client() as client:
+        cids = [await new_conversation(client) for _ in range(12)]
         markers = [f"group-{i}-{uuid.uuid4().hex}" for i in range(12)]
         # a table lock (as a migration would take) makes the first append wait inside its
         # transaction, so the others queue up behind it and commit together once it is released
-        locker = await asyncpg.connect(url, timeout=10)
-        try:
-            lock = locker.transaction()
-            await lock.start()
-            await locker.execute("LOCK TABLE events IN SHARE MODE")
+        async with events_locked(url, "SHARE"):
             proxy.arm("reply_lost", count=2)  # the first append's COMMIT and the group's after it
             first = asyncio.create_task(post(client, cids[0], {"events": [user_event(markers[0], True)]}))
             await asyncio.sleep(0.3)
             rest = [asyncio.create_task(post(client, cid, {"events": [user_event(marker, i % 2 == 0)]}))
                     for i, (cid, marker) in enumerate(zip(cids[1:], markers[1:]), 1)]
             await asyncio.sleep(0.3)
-            await lock.rollback()
-        finally:
-            await locker.close()
         answers = await asyncio.gather(first, *rest)
     stored = Counter(marker_of(e) for e in await stored_log(url))
     problems = []
@@ -187,8 +167,8 @@ async def test_a_store_gone_during_commit_answers_outcome_unknown_and_a_retry_se
     async def case(kind: str, with_ids: bool) -> list[str]:
         server, proxy, url = await make_proxied(f"gone-{kind}-{with_ids}")
         label = f"{kind}, {'with' if with_ids else 'without'} ids"
-        async with client_for(server, timeout=15.0) as client:
-            cid = (await client.post("/v1/conversations", json={})).json()["id"]
+        async with server.client() as client:
+            cid = await new_conversation(client)
             marker = f"gone-{kind}-{uuid.uuid4().hex}"
             body = {"events": [user_event(marker, with_ids)]}
             proxy.arm(kind, then_refuse=True)  # every connection cut, new ones refused
@@ -271,7 +251,7 @@ class Chaos:
 
     def client(self, server: ChatlogServer) -> httpx.AsyncClient:
         if server.url not in self._clients:
-            self._clients[server.url] = client_for(server, timeout=REQUEST_TIMEOUT)
+            self._clients[server.url] = server.client(timeout=REQUEST_TIMEOUT)
         return self._clients[server.url]
 
     def server(self, turn: int) -> ChatlogServer:
@@ -444,15 +424,9 @@ async def test_exactly_once_under_chaos(running_cluster, start_server_on):
         servers = list(await asyncio.gather(*(start_server_on(proxy.url(database), name) for name in ("A", "B"))))
         chaos = Chaos(cluster, proxy, servers, rng)
         setup = chaos.client(servers[0])
-
-        async def conversation() -> str:
-            r = await setup.post("/v1/conversations", json={})
-            assert r.status_code == 201, r.text
-            return r.json()["id"]
-
-        turns = [await conversation() for _ in range(3)]
-        anonymous = [await conversation() for _ in range(2)]
-        raced = await conversation()
+        turns = [await new_conversation(setup) for _ in range(3)]
+        anonymous = [await new_conversation(setup) for _ in range(2)]
+        raced = await new_conversation(setup)
         writers = ([turn_writer(chaos, f"turns{i}", cid) for i, cid in enumerate(turns)]
                    + [anonymous_writer(chaos, f"anon{i}", cid) for i, cid in enumerate(anonymous)]
                    + [racing_writer(chaos, f"race{i}", raced) for i in range(2)])

@@ -21,53 +21,27 @@ import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
-import asyncpg
 import httpx
 import orjson
 
 from tests.faultproxy import FaultProxy
-from tests.servers import FollowingReader, auth
+from tests.helpers import (REQUEST_TIMEOUT, STALL_BOUND, Outages, append, error_of, events_locked, first_seen,
+                           new_conversation, outcome_unknown, stored_log, user_event)
+from tests.servers import FollowingReader
 
 pytest_plugins = ("tests.servers", "tests.pgcluster")
 
 UNAVAILABLE_WITHIN = 2.0  # s: the promise for reads, appends and /readyz while the store is down
 RECOVERED_WITHIN = 10.0  # s after PostgreSQL accepts connections again
-STALL_BOUND = 5.0  # s: a committed event reaches a live reader within this, or its stream ends
 POOL_WAIT_BOUND = 2.0  # s: the longest a request may wait for a pooled connection before its 503
 STATEMENT_BOUND = 10.0  # s: the longest a statement PostgreSQL does not answer may hold a request
-REQUEST_TIMEOUT = 8.0  # s: the client gives up (recorded as a hang)
+# STALL_BOUND (helpers): a committed event reaches a live reader within it, or its stream ends;
+# REQUEST_TIMEOUT (helpers): the client gives up (recorded as a hang)
 
 
-# -- helpers shared with test_chaos ------------------------------------------------
-
-
-def client_for(server, timeout: float = REQUEST_TIMEOUT, principal: str = "alice") -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=server.url, headers=auth(principal), timeout=httpx.Timeout(timeout))
-
-
-def user_event(marker: str, with_id: bool = True) -> dict:
-    """A `message.user` whose content is `marker` (so a duplicate shows even without an id)."""
-    event = {"type": "message.user", "data": {"content": marker}}
-    return {"id": marker, **event} if with_id else event
-
-
-def error_of(response: httpx.Response) -> dict | None:
-    """The contract's error object, or None when the body does not have that shape."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not (isinstance(error, dict) and isinstance(error.get("code"), str) and isinstance(error.get("message"), str)
-            and set(error) <= {"code", "message", "details"}):
-        return None
-    return error
-
-
-def outcome_unknown(response: httpx.Response) -> bool:
-    error = error_of(response)
-    return response.status_code == 503 and error is not None and (error.get("details") or {}).get("outcome") == "unknown"
+# -- helpers ----------------------------------------------------------------------------
 
 
 def unavailable_problem(response: httpx.Response | str) -> str | None:
@@ -92,23 +66,12 @@ async def timed(client: httpx.AsyncClient, method: str, path: str, **kwargs) -> 
     return response, time.monotonic() - started
 
 
-async def new_conversation(client: httpx.AsyncClient) -> str:
-    r = await client.post("/v1/conversations", json={"metadata": {"test": "outage"}})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
 async def stored_by_id(database_url: str, conversation_id: str) -> dict[str, list[int]]:
     """event id -> the seqs it is stored at, read from PostgreSQL itself."""
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        rows = await conn.fetch("SELECT id, seq FROM events WHERE conversation_id = $1 ORDER BY seq",
-                                uuid.UUID(conversation_id))
-    finally:
-        await conn.close()
     found: dict[str, list[int]] = {}
-    for row in rows:
-        found.setdefault(row["id"], []).append(row["seq"])
+    for event in await stored_log(database_url):
+        if event["conversation_id"] == conversation_id:
+            found.setdefault(event["id"], []).append(event["seq"])
     return found
 
 
@@ -221,10 +184,9 @@ async def test_with_postgresql_stopped_requests_are_503_within_2s_and_recover_by
     url = await cluster.create_database()
     server = await start_server_on(url, "stopped")
     problems, posts = [], []
-    async with client_for(server) as client:
+    async with server.client(timeout=REQUEST_TIMEOUT) as client:
         cid = await new_conversation(client)
-        r = await client.post(f"/v1/conversations/{cid}/events", json={"events": [user_event("before")]})
-        assert r.status_code == 201, r.text
+        await append(client, cid, [user_event("before")])
         for mode in ("fast", "immediate"):  # a clean shutdown, then a crash
             await cluster.stop(mode)
             try:
@@ -249,10 +211,9 @@ async def test_with_postgresql_not_answering_requests_are_503_within_2s_and_reco
     try:
         server = await start_server_on(proxy.url(url.rsplit("/", 1)[1]), "hung")
         problems, posts = [], []
-        async with client_for(server) as client:
+        async with server.client(timeout=REQUEST_TIMEOUT) as client:
             cid = await new_conversation(client)
-            r = await client.post(f"/v1/conversations/{cid}/events", json={"events": [user_event("before")]})
-            assert r.status_code == 201, r.text
+            await append(client, cid, [user_event("before")])
             proxy.pause()
             try:
                 problems += await outage_rounds(client, cid, "not answering", posts)
@@ -287,32 +248,38 @@ async def keep_appending(client: httpx.AsyncClient, cid: str, stop: asyncio.Even
         await asyncio.sleep(0.1)
 
 
-class Outages:
-    """When the store was down, so that a delivery delay counts only the time it was up:
-    an event committed just before PostgreSQL stopped can reach no one until it is back."""
+@dataclass
+class LiveRun:
+    reader: FollowingReader
+    acked: dict[int, float] = field(default_factory=dict)  # seq -> when its append was acknowledged
+    answers: list[str] = field(default_factory=list)  # every append attempt's answer
+    final: int | None = None  # the last acknowledged seq, once the writer stopped
 
-    def __init__(self) -> None:
-        self.windows: list[tuple[float, float]] = []
 
-    @asynccontextmanager
-    async def down(self):
-        began = time.monotonic()
+@asynccontextmanager
+async def reading_while_appending(servers: list, client: httpx.AsyncClient, cid: str):
+    """A FollowingReader on `servers` follows the conversation while keep_appending writes
+    to it through `client`, during the block. Then the writer stops and the reader has 15 s
+    to reach the last acknowledged seq (`final`)."""
+    reader = FollowingReader(servers, f"/v1/conversations/{cid}/stream", {"compact": "false"})
+    run = LiveRun(reader)
+    reading = asyncio.create_task(reader.run(lambda: run.final is not None and reader.last_event_id == str(run.final)))
+    stop = asyncio.Event()
+    writing = asyncio.create_task(keep_appending(client, cid, stop, run.acked, run.answers))
+    try:
+        yield run
+        stop.set()
+        await asyncio.wait_for(writing, 35)
+        run.final = max(run.acked)
         try:
-            yield
-        finally:
-            self.windows.append((began, time.monotonic()))
-
-    def up_time(self, start: float, end: float) -> float:
-        return end - start - sum(max(0.0, min(end, e) - max(start, s)) for s, e in self.windows)
-
-
-def first_seen(reader: FollowingReader) -> dict[int, float]:
-    """seq -> when the reader first got a frame of it."""
-    seen: dict[int, float] = {}
-    for received in reader.received:
-        if received.frame.data != "[DONE]":
-            seen.setdefault(int(received.frame.id.split(":")[0]), received.at)
-    return seen
+            await asyncio.wait_for(asyncio.shield(reading), 15)
+        except TimeoutError:
+            pass
+    finally:
+        stop.set()
+        for task in (writing, reading):
+            task.cancel()
+        await asyncio.gather(writing, reading, return_exceptions=True)
 
 
 def late_deliveries(reader: FollowingReader, acked: dict[int, float], outages: Outages) -> list[tuple[int, float]]:
@@ -326,17 +293,10 @@ async def test_a_live_reader_across_postgresql_restarts_gets_every_event_once_wi
     cluster = running_cluster
     url = await cluster.create_database()
     server = await start_server_on(url, "live")
-    async with client_for(server) as client:
+    async with server.client(timeout=REQUEST_TIMEOUT) as client:
         cid = await new_conversation(client)
-        acked: dict[int, float] = {}
-        answers: list[str] = []
-        final: list[int] = []
         outages = Outages()
-        reader = FollowingReader([server], f"/v1/conversations/{cid}/stream", {"compact": "false"})
-        reading = asyncio.create_task(reader.run(lambda: bool(final) and reader.last_event_id == str(final[0])))
-        stop = asyncio.Event()
-        writing = asyncio.create_task(keep_appending(client, cid, stop, acked, answers))
-        try:
+        async with reading_while_appending([server], client, cid) as run:
             await asyncio.sleep(1.5)
             async with outages.down():  # down for a few seconds
                 await cluster.stop("fast")
@@ -349,22 +309,11 @@ async def test_a_live_reader_across_postgresql_restarts_gets_every_event_once_wi
             async with outages.down():  # a crash and recovery
                 await cluster.restart("immediate")
             await asyncio.sleep(3)
-            stop.set()
-            await asyncio.wait_for(writing, 35)
-            final.append(max(acked))
-            try:
-                await asyncio.wait_for(asyncio.shield(reading), 15)
-            except TimeoutError:
-                pass
-        finally:
-            stop.set()
-            for task in (writing, reading):
-                task.cancel()
-            await asyncio.gather(writing, reading, return_exceptions=True)
         stored = await client.get(f"/v1/conversations/{cid}/events", params={"limit": 1000})
         assert stored.status_code == 200, stored.text
         stored = stored.json()["events"]
 
+    reader, acked, answers, final = run.reader, run.acked, run.answers, run.final
     ids = [frame.id for frame in reader.frames]
     late = late_deliveries(reader, acked, outages)
     worst = max(late, key=lambda x: x[1])
@@ -372,10 +321,10 @@ async def test_a_live_reader_across_postgresql_restarts_gets_every_event_once_wi
           f"{sum(a not in ('200', '201') for a in answers)} refused), {len(ids)} frames read, "
           f"{reader.connections} connections ({reader.ends} ended by the server, failures {dict(reader.failures)}), "
           f"slowest delivery {worst[1]:.2f}s of store-up time (seq {worst[0]})")
-    assert [e["seq"] for e in stored] == list(range(1, final[0] + 1))
-    assert ids == [str(seq) for seq in range(1, final[0] + 1)], (
+    assert [e["seq"] for e in stored] == list(range(1, final + 1))
+    assert ids == [str(seq) for seq in range(1, final + 1)], (
         f"the reader did not get every event exactly once in order: last id {reader.last_event_id}, "
-        f"final seq {final[0]}, {len(ids)} frames, {len(ids) - len(set(ids))} repeated")
+        f"final seq {final}, {len(ids)} frames, {len(ids) - len(set(ids))} repeated")
     assert [orjson.loads(f.data) for f in reader.frames] == stored
     stalled = [(seq, round(seconds, 2)) for seq, seconds in late if seconds > STALL_BOUND]
     assert not stalled, (f"events reached the live reader more than {STALL_BOUND}s (of store-up time) after they "
@@ -396,24 +345,16 @@ async def test_a_pool_all_taken_gives_a_bounded_wait_then_503(running_cluster, s
     pool_size = 2
     server = await start_server_on(url, "pool", CHATLOG_POOL_SIZE=str(pool_size), CHATLOG_WRITERS="1")
     problems = []
-    async with client_for(server, timeout=15.0) as client:
+    async with server.client() as client:
         cid = await new_conversation(client)
-        r = await client.post(f"/v1/conversations/{cid}/events", json={"events": [user_event("before")]})
-        assert r.status_code == 201, r.text
-        locker = await asyncpg.connect(url, timeout=10)
-        try:
-            lock = locker.transaction()
-            await lock.start()
-            await locker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        await append(client, cid, [user_event("before")])
+        async with events_locked(url, "ACCESS EXCLUSIVE"):
             requests = [request for _ in range(4) for request in the_requests(cid)]
             started = time.monotonic()
             answers = await asyncio.gather(
                 *(timed(client, method, path, json=body) for _, method, path, body in requests),
                 timed(client, "GET", "/healthz"))
             held = time.monotonic() - started
-            await lock.rollback()
-        finally:
-            await locker.close()
         health = answers.pop()
         rows = [(name, answer, seconds, body) for (name, _, _, body), (answer, seconds) in zip(requests, answers)]
         print(f"\nwith the pool taken (lock held {held:.1f}s):\n{table(rows)}\n  /healthz {health[1]:.2f}s")
@@ -452,37 +393,21 @@ async def test_a_reader_whose_server_lost_its_store_is_moved_on_not_left_silent(
     try:
         a = await start_server_on(proxy.url(url.rsplit("/", 1)[1]), "A-hangs")
         b = await start_server_on(url, "B")
-        async with client_for(b) as client:
+        async with b.client(timeout=REQUEST_TIMEOUT) as client:
             cid = await new_conversation(client)
-            acked: dict[int, float] = {}
-            answers: list[str] = []
-            final: list[int] = []
-            reader = FollowingReader([a, b], f"/v1/conversations/{cid}/stream", {"compact": "false"})
-            reading = asyncio.create_task(reader.run(lambda: bool(final) and reader.last_event_id == str(final[0])))
-            stop = asyncio.Event()
-            writing = asyncio.create_task(keep_appending(client, cid, stop, acked, answers))
             try:
-                await asyncio.sleep(2)
-                proxy.pause()
-                paused_at = time.monotonic()
-                await asyncio.sleep(8)
-                proxy.resume()
-                stop.set()
-                await asyncio.wait_for(writing, 35)
-                final.append(max(acked))
-                try:
-                    await asyncio.wait_for(asyncio.shield(reading), 15)
-                except TimeoutError:
-                    pass
+                async with reading_while_appending([a, b], client, cid) as run:
+                    await asyncio.sleep(2)
+                    proxy.pause()
+                    paused_at = time.monotonic()
+                    await asyncio.sleep(8)
+                    proxy.resume()
             finally:
                 proxy.resume()
-                stop.set()
-                for task in (writing, reading):
-                    task.cancel()
-                await asyncio.gather(writing, reading, return_exceptions=True)
     finally:
         proxy.close_thread()
 
+    reader, acked, final = run.reader, run.acked, run.final
     ids = [frame.id for frame in reader.frames]
     late = late_deliveries(reader, acked, Outages())
     worst = max(late, key=lambda x: x[1])
@@ -491,9 +416,9 @@ async def test_a_reader_whose_server_lost_its_store_is_moved_on_not_left_silent(
           f"{reader.connections} connections ({reader.ends} ended by the server, failures {dict(reader.failures)}), "
           f"first frame after the hang on a new connection after {moved[0] if moved else float('nan'):.2f}s, "
           f"slowest delivery {worst[1]:.2f}s (seq {worst[0]})")
-    assert ids == [str(seq) for seq in range(1, final[0] + 1)], (
+    assert ids == [str(seq) for seq in range(1, final + 1)], (
         f"the reader did not get every event exactly once in order: last id {reader.last_event_id}, "
-        f"final seq {final[0]}, {len(ids)} frames, {len(ids) - len(set(ids))} repeated")
+        f"final seq {final}, {len(ids)} frames, {len(ids) - len(set(ids))} repeated")
     stalled = [(seq, round(seconds, 2)) for seq, seconds in late if seconds > STALL_BOUND]
     assert not stalled, (f"events reached the reader more than {STALL_BOUND}s after they were acknowledged "
                          f"(seq, seconds): {stalled[:20]}")
