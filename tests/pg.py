@@ -33,6 +33,27 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
+async def create_migrated_database(admin_url: str, prefix: str, created: list[str], timeout: float = 60) -> str:
+    """A new, migrated database on the server of `admin_url`; its URL. Its name goes
+    to `created` (the databases to drop) as soon as it exists."""
+    from store.migrate import migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url, timeout=timeout)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    created.append(name)
+    url = with_database(admin_url, name)
+    conn = await asyncpg.connect(url, timeout=timeout)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return url
+
+
 class TestServer:
     """The server the session uses; `embedded` is kept alive until close()."""
 
@@ -62,22 +83,7 @@ class TestServer:
 
     async def create_database(self) -> str:
         """A new, empty, migrated database of this run's own."""
-        from store.migrate import migrate
-
-        name = f"chatlog_test_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(self.admin_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        self.databases.append(name)
-        url = with_database(self.admin_url, name)
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        return url
+        return await create_migrated_database(self.admin_url, "chatlog_test", self.databases)
 
     async def close(self) -> None:
         if self.admin_url:

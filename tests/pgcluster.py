@@ -22,13 +22,11 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from tests.pg import with_database
+from tests.pg import create_migrated_database
 from tests.servers import free_port
 
 OS_USER = "postgres"
@@ -114,22 +112,7 @@ class PrivateCluster:
 
     async def create_database(self) -> str:
         """A new, migrated database on this cluster; its URL."""
-        from store.migrate import migrate
-
-        name = f"chatlog_private_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(self.url(), timeout=10)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        self.databases.append(name)
-        url = with_database(self.url(), name)
-        conn = await asyncpg.connect(url, timeout=10)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        return url
+        return await create_migrated_database(self.url(), "chatlog_private", self.databases, timeout=10)
 
     # -- the end ------------------------------------------------------------------
 

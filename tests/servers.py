@@ -176,20 +176,6 @@ async def chatlog_servers(database_url, server_log_dir):
 
 
 @pytest.fixture
-async def start_server(database_url, server_log_dir, request):
-    """start_server(name, **env) -> another running server, stopped at the end of the test."""
-    servers: list[ChatlogServer] = []
-
-    async def start(name: str, **env: str) -> ChatlogServer:
-        server = ChatlogServer(f"{request.node.name}-{name}", database_url, server_log_dir, env)
-        servers.append(server)
-        return await server.start()
-
-    yield start
-    await asyncio.gather(*(s.stop() for s in servers))
-
-
-@pytest.fixture
 async def start_server_on(server_log_dir, request):
     """start_server_on(database_url, name, **env) -> a running server on another database (a private
     cluster, a fault proxy), stopped at the end of the test."""
@@ -202,6 +188,16 @@ async def start_server_on(server_log_dir, request):
 
     yield start
     await asyncio.gather(*(s.stop() for s in servers))
+
+
+@pytest.fixture
+def start_server(database_url, start_server_on):
+    """start_server(name, **env) -> another running server on this run's database, stopped at the end of the test."""
+
+    async def start(name: str, **env: str) -> ChatlogServer:
+        return await start_server_on(database_url, name, **env)
+
+    return start
 
 
 # A failing test that uses one of these fixtures gets its servers' log tails in its report.

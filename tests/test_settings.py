@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from api.settings import Settings
-
-CHATLOG = Path(sys.executable).parent / "chatlog"
+from tests.servers import CHATLOG
 
 
 @pytest.mark.parametrize("overrides, where", [
