@@ -2,7 +2,7 @@
 
 - waiting: `eventually` (every poll has a deadline and a message);
 - the API: `new_conversation`, `append`, `stored_events`, in-process clients,
-  and the same at the store (`new_store_conversation`, `user_messages`);
+  and the same at the store (`new_store_conversation`, `user_messages`, `all_events`);
 - errors: `assert_error`, `assert_contract_error`, `error_of`, `Ledger`
   (a refused request wrote nothing);
 - events: `TURN`, `user_event`, `tool_turns`, `long_turn`;
@@ -38,8 +38,7 @@ from store import NewEvent
 async def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0, interval: float = 0.02):
     """Wait until check() (a value, or an awaitable of one) is truthy, and return it.
 
-    A deadline against hanging, not a timing assertion: past `timeout` seconds
-    it fails, saying `what` it was waiting for."""
+    Past `timeout` seconds it fails, saying `what` it was waiting for, instead of hanging."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -92,6 +91,16 @@ async def stored_events(client: httpx.AsyncClient, cid: str) -> dict[int, dict]:
 
 async def new_store_conversation(store, principal: str) -> uuid.UUID:
     return uuid.UUID((await store.create_conversation(principal))["id"])
+
+
+async def all_events(store, principal: str, cid: uuid.UUID) -> list[dict]:
+    """Every stored event of the conversation, read through the store page by page."""
+    out: list[dict] = []
+    while True:
+        page, current = await store.read_events(principal, cid, after=out[-1]["seq"] if out else 0, limit=1000)
+        out.extend(page)
+        if not page or out[-1]["seq"] >= current:
+            return out
 
 
 def user_messages(n: int, tag: str, with_ids: bool = False) -> list[NewEvent]:

@@ -9,14 +9,13 @@ arrives (the transaction aborted, the client cannot know either).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from store import OutcomeUnknown, Store
 from tests.faultproxy import FaultProxy
-from tests.helpers import new_store_conversation, user_messages
+from tests.helpers import all_events, new_store_conversation, user_messages
 
 
 @pytest.fixture
@@ -33,10 +32,6 @@ def through(proxy: FaultProxy, database_url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"))
 
 
-async def stored(store: Store, principal: str, cid: uuid.UUID) -> list[dict]:
-    return await store.events_after(principal, cid, 0, 10_000)
-
-
 @pytest.mark.parametrize("fault", ["reply_lost", "commit_lost"])
 @pytest.mark.parametrize("with_ids", [True, False])
 async def test_an_append_whose_commit_reply_is_lost_is_answered_truly_and_stored_once(
@@ -47,7 +42,7 @@ async def test_an_append_whose_commit_reply_is_lost_is_answered_truly_and_stored
         proxy.arm(fault)
         appended = await store.append(principal, cid, user_messages(3, "m", with_ids))
         assert [e["seq"] for e in appended.events] == [2, 3, 4]
-        events = await stored(store, principal, cid)
+        events = await all_events(store, principal, cid)
         assert [e["data"]["content"] for e in events[1:]] == ["m-0", "m-1", "m-2"], "stored exactly once"
         assert [e["id"] for e in events[1:]] == [e["id"] for e in appended.events]
         assert proxy.counts[fault] == 1
@@ -80,7 +75,7 @@ async def test_every_append_of_a_group_whose_commit_reply_is_lost_is_answered_an
         assert done == (2, 12), "one append, then a group of eleven"
         assert proxy.counts["reply_lost"] == 2 and store.writer.unclear_commits == 2
         for n, cid in enumerate(cids):
-            events = (await stored(store, principal, cid))[1:]
+            events = (await all_events(store, principal, cid))[1:]
             contents = [e["data"]["content"] for e in events]
             assert sorted(contents) == sorted(f"{n}-{k}-{i}" for k in range(3) for i in range(2))
             answered = [e["seq"] for a in answers for e in a.events if e["conversation_id"] == str(cid)]
@@ -104,7 +99,7 @@ async def test_an_outcome_that_cannot_be_learned_is_503_unknown_and_a_retry_sett
         proxy.refuse(False)
         retry = await store.append(principal, cid, batch)
         assert retry.replayed, "the first attempt had committed: the retry writes nothing"
-        events = await stored(store, principal, cid)
+        events = await all_events(store, principal, cid)
         assert [e["data"]["content"] for e in events[1:]] == ["u-0", "u-1"]
         assert [e["seq"] for e in retry.events] == [2, 3]
     finally:

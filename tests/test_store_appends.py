@@ -15,20 +15,11 @@ import pytest
 from store import (IdempotencyConflict, InvalidEvent, NewEvent, NotFound, SeqConflict, Store, StoreError,
                    create_pool)
 from store.writer import MAX_EVENTS_PER_TRANSACTION
-from tests.helpers import new_store_conversation, user_messages
+from tests.helpers import all_events, new_store_conversation, user_messages
 
 
 def user(text: str, id: str | None = None) -> NewEvent:
     return NewEvent("message.user", {"content": text}, id)
-
-
-async def all_events(store: Store, principal: str, cid: uuid.UUID) -> list[dict]:
-    out: list[dict] = []
-    while True:
-        page, current = await store.read_events(principal, cid, after=out[-1]["seq"] if out else 0, limit=1000)
-        out.extend(page)
-        if not page or out[-1]["seq"] >= current:
-            return out
 
 
 def moment(text: str) -> datetime:
