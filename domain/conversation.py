@@ -25,12 +25,8 @@ import orjson
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import RuleBroken
+from domain.schemas import ABANDONED, COMPLETED, FINAL, LIVE_CALL, PENDING, STARTED
 
-# Tool call lifecycle. "abandoned": its turn closed before it completed, so it
-# can never complete (and the projections drop it).
-STARTED, COMPLETED, FINAL, ABANDONED = "started", "completed", "final", "abandoned"
-# Calls in these states still take events: they are live, and saved.
-LIVE = (STARTED, COMPLETED)
 
 
 @dataclass(frozen=True)
@@ -148,11 +144,10 @@ class Conversation(Aggregate):
             raise RuleBroken("result_needs_completed_call", f"tool call {tool_call_id!r} was never started")
         if call[1] == FINAL:
             raise RuleBroken("one_final_result", f"tool call {tool_call_id!r} already has its final result")
-        if call[1] != COMPLETED:
+        if call[1] not in (COMPLETED, PENDING):
             raise RuleBroken("result_needs_completed_call",
                              f"tool call {tool_call_id!r} is not completed (it is {call[1]})")
-        if status != "pending":
-            call[1] = FINAL
+        call[1] = PENDING if status == "pending" else FINAL
 
     # -- rule helpers ---------------------------------------------------------
 
@@ -233,7 +228,7 @@ def to_state(conversation: Conversation) -> dict:
     """What the store saves: only what is live (see the module's docstring)."""
     return {
         "open_turn_id": conversation.open_turn_id,
-        "calls": {c: v for c, v in conversation.calls.items() if v[1] in LIVE},
+        "calls": {c: v for c, v in conversation.calls.items() if v[1] in LIVE_CALL},
         "call_args": conversation.call_args,
         "title": conversation.title,
     }

@@ -137,6 +137,15 @@ VOCABULARY: dict[str, EventType] = {t.name: t for t in (
     EventType("conversation.titled", ConversationTitled),
 )}
 
+# A tool call's lifecycle, one vocabulary for the aggregate and every fold:
+# started (arguments streaming) -> completed (arguments final, no result yet)
+# -> pending (a `pending` result stands in, for a long-running tool) -> final
+# (its ok/error result). "abandoned": its turn closed before it completed, so
+# it never will (the projections drop it).
+STARTED, COMPLETED, PENDING, FINAL, ABANDONED = "started", "completed", "pending", "final", "abandoned"
+# calls in these states still take events
+LIVE_CALL = (STARTED, COMPLETED, PENDING)
+
 SCHEMAS: dict[str, type[_Data]] = {name: t.data for name, t in VOCABULARY.items()}
 # delta type -> the data field naming the stream its run belongs to (compaction)
 DELTAS: dict[str, str] = {name: t.merges_by for name, t in VOCABULARY.items() if t.merges_by}

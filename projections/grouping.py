@@ -15,6 +15,8 @@ from typing import Iterator
 
 import orjson
 
+from domain.schemas import STARTED
+
 # Turns whose completed calls without a result get a synthetic one: nothing
 # will run them any more, and a call may not stand unanswered.
 _DEAD_TURNS = ("cancelled", "failed")
@@ -55,7 +57,7 @@ def grouped(state: dict) -> Iterator[tuple]:
 def _shown(call: dict, turns: dict) -> bool:
     # A call never completed is dropped; a completed one without a result waits
     # for it (left out) unless its turn died.
-    if call["arguments"] is None:
+    if call["status"] == STARTED:
         return False
     return call["result"] is not None or turns[call["turn_id"]] in _DEAD_TURNS
 

@@ -14,8 +14,9 @@ State shape:
 - `items`: the history in order, each `{"kind": "system"|"user", "content", "name"}`
   or a step `{"kind": "step", "turn_id", "text": [...], "reasoning": [...], "calls": [tool_call_id...]}`.
   Texts stay lists of deltas: joining on every delta would be quadratic.
-- `calls`: tool_call_id -> `{"name", "turn_id", "step": index in items, "deltas": [...],
-  "arguments": str (set once completed) or None, "result": {"content", "status"} or None}`.
+- `calls`: tool_call_id -> `{"name", "turn_id", "step": index in items, "status": the call's lifecycle
+  (domain.schemas STARTED / COMPLETED / PENDING / FINAL), "deltas": [...], "arguments": str once completed,
+  "result": {"content", "status"} or None}`.
 - `turns`: turn_id -> "open" | "finished" | "cancelled" | "failed".
 - `open_turn`: the open turn_id or None; `step`: index of the step that output
   goes to, or None when the next output starts a new step (always None while
@@ -29,8 +30,10 @@ from typing import Iterable
 
 import orjson
 
+from domain.schemas import COMPLETED, FINAL, PENDING, STARTED
+
 # Bump when the state's shape or meaning changes: older snapshots are then refused.
-VERSION = 1
+VERSION = 2
 
 
 def initial_state() -> dict:
@@ -134,13 +137,13 @@ def _call_started(state: dict, data: dict) -> None:
     if data["turn_id"] == state["open_turn"] and call_id not in state["calls"]:
         _current_step(state)["calls"].append(call_id)
         state["calls"][call_id] = {"name": data["name"], "turn_id": data["turn_id"], "step": state["step"],
-                                   "deltas": [], "arguments": None, "result": None}
+                                   "status": STARTED, "deltas": [], "arguments": None, "result": None}
 
 
 def _open_call(state: dict, call_id: str) -> dict | None:
     # Closing a turn abandons its incomplete calls: they take no more input.
     call = state["calls"].get(call_id)
-    if call is None or call["arguments"] is not None or call["turn_id"] != state["open_turn"]:
+    if call is None or call["status"] != STARTED or call["turn_id"] != state["open_turn"]:
         return None
     return call
 
@@ -157,13 +160,14 @@ def _call_completed(state: dict, data: dict) -> None:
         arguments = data.get("arguments")
         call["arguments"] = "".join(call["deltas"]) if arguments is None else arguments
         call["deltas"] = []  # no longer needed: keeps snapshots small
+        call["status"] = COMPLETED
 
 
 def _result(state: dict, data: dict) -> None:
     call = state["calls"].get(data["tool_call_id"])
-    if call is None or call["arguments"] is None:
+    if call is None or call["status"] == STARTED:
         return  # a call never completed is dropped, its results too
-    if call["result"] is not None and call["result"]["status"] != "pending":
+    if call["status"] == FINAL:
         return  # the first final result stays
     # A result for one of the current step's own calls ends that step: what the
     # model says next answers the result. Results for older steps' calls (late,
@@ -171,6 +175,7 @@ def _result(state: dict, data: dict) -> None:
     if call["step"] == state["step"]:
         state["step"] = None
     call["result"] = {"content": data["content"], "status": data["status"]}
+    call["status"] = PENDING if data["status"] == "pending" else FINAL
 
 
 _HANDLERS = {

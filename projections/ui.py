@@ -46,11 +46,11 @@ from typing import Iterable
 
 import orjson
 
-from domain.schemas import TURN_ENDS
+from domain.schemas import COMPLETED, PENDING, STARTED, TURN_ENDS
 from projections.compact import compact
 
 # Bump when the state's shape or meaning changes: older snapshots are then refused.
-VERSION = 1
+VERSION = 2
 # The SDK's FinishReason spellings.
 _FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter"}
 _DELTAS = ("text.delta", "reasoning.delta", "tool_call.delta")
@@ -64,8 +64,9 @@ def initial_ui_state() -> dict:
     - `step`: history steps begun in the open turn; `step_open`: whether output
       still goes to that step (False at turn start and after a step-ending result);
     - `calls`: tool_call_id -> `{"turn_id", "name", "seq" (started at), "step",
-      "deltas", "completed", "answered"}`, for calls of the open turn and for
-      completed calls still waiting for a final result."""
+      "deltas", "status"}` (the call lifecycle of domain.schemas: STARTED,
+      COMPLETED, PENDING), for calls of the open turn and for completed calls
+      still waiting for a final result."""
     return {"version": VERSION, "seq": 0, "message_id": None, "turn": None, "part": None,
             "step": 0, "step_open": False, "calls": {}}
 
@@ -243,7 +244,7 @@ def _begin_output(state: dict) -> list[dict]:
 
 
 def _streaming_calls(state: dict) -> bool:
-    return any(c["turn_id"] == state["turn"] and not c["completed"] for c in state["calls"].values())
+    return any(c["turn_id"] == state["turn"] and c["status"] == STARTED for c in state["calls"].values())
 
 
 def _in_open_turn(state: dict, data: dict) -> bool:
@@ -284,13 +285,13 @@ def _call_started(state: dict, event: dict) -> list[dict]:
         return []
     chunks = _begin_output(state) + _close_part(state)
     state["calls"][call_id] = {"turn_id": state["turn"], "name": data["name"], "seq": event["seq"],
-                               "step": state["step"], "deltas": [], "completed": False, "answered": False}
+                               "step": state["step"], "deltas": [], "status": STARTED}
     return chunks + [{"type": "tool-input-start", "toolCallId": call_id, "toolName": data["name"]}]
 
 
 def _streaming_call(state: dict, call_id: str) -> dict | None:
     call = state["calls"].get(call_id)
-    if call is None or call["completed"] or call["turn_id"] != state["turn"]:
+    if call is None or call["status"] != STARTED or call["turn_id"] != state["turn"]:
         return None
     return call
 
@@ -322,7 +323,7 @@ def _call_completed(state: dict, event: dict) -> list[dict]:
     except orjson.JSONDecodeError:
         del state["calls"][call_id]
         return chunks + [_input_error(call_id, call, arguments, "The tool call's arguments are not JSON.")]
-    call.update(completed=True, deltas=[])
+    call.update(status=COMPLETED, deltas=[])
     return chunks + [{"type": "tool-input-available", "toolCallId": call_id, "toolName": call["name"],
                       "input": tool_input}]
 
@@ -331,12 +332,12 @@ def _result(state: dict, event: dict) -> list[dict]:
     data = event["data"]
     call_id = data["tool_call_id"]
     call = state["calls"].get(call_id)
-    if call is None or not call["completed"]:
+    if call is None or call["status"] == STARTED:
         return []
     if data["status"] == "pending":
         chunk = {"type": "tool-output-available", "toolCallId": call_id, "output": data["content"],
                  "preliminary": True}
-        call["answered"] = True
+        call["status"] = PENDING
     else:
         del state["calls"][call_id]  # one final result: nothing more will come for it
         chunk = ({"type": "tool-output-available", "toolCallId": call_id, "output": data["content"]}
@@ -368,10 +369,10 @@ def _turn_end(state: dict, event: dict) -> list[dict]:
     reason = "cancelled" if event["type"] == "turn.cancelled" else "failed"
     mine = sorted(((c["seq"], call_id, c) for call_id, c in state["calls"].items() if c["turn_id"] == turn))
     for _, call_id, call in mine:
-        if not call["completed"]:
+        if call["status"] == STARTED:
             del state["calls"][call_id]
             chunks.append(_input_error(call_id, call, "".join(call["deltas"]), "The tool call was never completed."))
-        elif died and not call["answered"]:
+        elif died and call["status"] == COMPLETED:
             no_result = orjson.dumps({"error": "no_result", "reason": reason}).decode()
             chunks.append({"type": "tool-output-error", "toolCallId": call_id, "errorText": no_result})
     state.update(turn=None, part=None, step=0, step_open=False)

@@ -200,3 +200,32 @@ def json_value(value):
     if isinstance(value, int) and not isinstance(value, bool):
         return Decimal(value)
     return value
+
+
+async def test_after_a_fold_version_change_reads_write_new_snapshots_beside_the_old(client, store):
+    """Snapshots of an older fold version must not block the new version's at the
+    same seqs (they are keyed by version too), or every cold read would fold from seq 1."""
+    from projections import history
+
+    cid = await new_conversation(client)
+    await append(client, cid, tool_turns(12, deltas=60))
+    store.history.forget()
+    await messages(client, cid)
+    await store.history.flush()
+
+    async def snapshots(version: int) -> int:
+        return await store.pool.fetchval(
+            "SELECT count(*) FROM history_snapshots WHERE conversation_id = $1 AND version = $2",
+            uuid.UUID(cid), version)
+
+    written = await snapshots(history.VERSION)
+    assert written > 0
+    # as if these had been written by the previous version of the fold
+    await store.pool.execute("UPDATE history_snapshots SET version = version - 1 WHERE conversation_id = $1",
+                             uuid.UUID(cid))
+    store.history.forget()
+    before = await messages(client, cid)
+    await store.history.flush()
+    assert await snapshots(history.VERSION) == written, "the current version's snapshots are written again"
+    store.history.forget()
+    assert await messages(client, cid) == before
