@@ -59,7 +59,8 @@ _ALL = float("inf")  # k of a bare `<seq>` resume point: after all of that event
 
 def initial_ui_state() -> dict:
     """- `seq`: last seq translated; `message_id`: turn_id of the latest started
-    turn (the message SDK readers hold); `turn`: the open turn_id or None;
+    turn (the message SDK readers hold); `open_turn`: the open turn_id or None
+    (the same name as in the history fold and `open_turn_id` in the API);
     - `part`: the open text/reasoning part `{"type", "id"}` or None;
     - `step`: history steps begun in the open turn; `step_open`: whether output
       still goes to that step (False at turn start and after a step-ending result);
@@ -67,7 +68,7 @@ def initial_ui_state() -> dict:
       "deltas", "status"}` (the call lifecycle of domain.schemas: STARTED,
       COMPLETED, PENDING), for calls of the open turn and for completed calls
       still waiting for a final result."""
-    return {"version": VERSION, "seq": 0, "message_id": None, "turn": None, "part": None,
+    return {"version": VERSION, "seq": 0, "message_id": None, "open_turn": None, "part": None,
             "step": 0, "step_open": False, "calls": {}}
 
 
@@ -244,20 +245,20 @@ def _begin_output(state: dict) -> list[dict]:
 
 
 def _streaming_calls(state: dict) -> bool:
-    return any(c["turn_id"] == state["turn"] and c["status"] == STARTED for c in state["calls"].values())
+    return any(c["turn_id"] == state["open_turn"] and c["status"] == STARTED for c in state["calls"].values())
 
 
 def _in_open_turn(state: dict, data: dict) -> bool:
-    return state["turn"] is not None and data.get("turn_id") == state["turn"]
+    return state["open_turn"] is not None and data.get("turn_id") == state["open_turn"]
 
 
 # -- handlers: (state, event) -> chunks -----------------------------------------------
 
 def _turn_started(state: dict, event: dict) -> list[dict]:
-    if state["turn"] is not None:
+    if state["open_turn"] is not None:
         return []
     turn_id = event["data"]["turn_id"]
-    state.update(turn=turn_id, message_id=turn_id, part=None, step=0, step_open=False)
+    state.update(open_turn=turn_id, message_id=turn_id, part=None, step=0, step_open=False)
     return [{"type": "start", "messageId": turn_id}, {"type": "start-step"}]
 
 
@@ -284,14 +285,14 @@ def _call_started(state: dict, event: dict) -> list[dict]:
     if not _in_open_turn(state, data) or call_id in state["calls"]:
         return []
     chunks = _begin_output(state) + _close_part(state)
-    state["calls"][call_id] = {"turn_id": state["turn"], "name": data["name"], "seq": event["seq"],
+    state["calls"][call_id] = {"turn_id": state["open_turn"], "name": data["name"], "seq": event["seq"],
                                "step": state["step"], "deltas": [], "status": STARTED}
     return chunks + [{"type": "tool-input-start", "toolCallId": call_id, "toolName": data["name"]}]
 
 
 def _streaming_call(state: dict, call_id: str) -> dict | None:
     call = state["calls"].get(call_id)
-    if call is None or call["status"] != STARTED or call["turn_id"] != state["turn"]:
+    if call is None or call["status"] != STARTED or call["turn_id"] != state["open_turn"]:
         return None
     return call
 
@@ -343,7 +344,7 @@ def _result(state: dict, event: dict) -> list[dict]:
         chunk = ({"type": "tool-output-available", "toolCallId": call_id, "output": data["content"]}
                  if data["status"] == "ok" else
                  {"type": "tool-output-error", "toolCallId": call_id, "errorText": _as_text(data["content"])})
-    if call["turn_id"] == state["turn"]:
+    if call["turn_id"] == state["open_turn"]:
         if call["step"] == state["step"]:
             state["step_open"] = False  # as in the history fold: what follows answers the result
         return [chunk]
@@ -363,7 +364,7 @@ def _turn_end(state: dict, event: dict) -> list[dict]:
     data = event["data"]
     if not _in_open_turn(state, data):
         return []
-    turn = state["turn"]
+    turn = state["open_turn"]
     chunks = _close_part(state)
     died = event["type"] != "turn.finished"
     reason = "cancelled" if event["type"] == "turn.cancelled" else "failed"
@@ -375,7 +376,7 @@ def _turn_end(state: dict, event: dict) -> list[dict]:
         elif died and call["status"] == COMPLETED:
             no_result = orjson.dumps({"error": "no_result", "reason": reason}).decode()
             chunks.append({"type": "tool-output-error", "toolCallId": call_id, "errorText": no_result})
-    state.update(turn=None, part=None, step=0, step_open=False)
+    state.update(open_turn=None, part=None, step=0, step_open=False)
     if event["type"] == "turn.finished":
         finish = {"type": "finish"}
         if data.get("finish_reason") in _FINISH_REASONS:
