@@ -210,16 +210,6 @@ def apply(conversation: Conversation, type_: str, data: dict) -> None:
     COMMANDS[type_](conversation, **data)
 
 
-def replay(conversation_id: UUID, events: list[tuple[str, dict]]) -> Conversation:
-    """Rebuild from (type, data) pairs, seq 1 first."""
-    (first_type, first_data), rest = events[0], events[1:]
-    assert first_type == "conversation.created"
-    conversation = create(conversation_id, first_data)
-    for type_, data in rest:
-        apply(conversation, type_, data)
-    return conversation
-
-
 # -- stored state -------------------------------------------------------------
 # The store keeps this beside the conversation row, updated in the same
 # transaction as each append, so checking a batch costs one small read.

@@ -1,24 +1,21 @@
 """Pure projections of a conversation's events: no I/O.
 
 - compact(events): the `compact=true` event view.
-- the history fold (initial_state, fold, fold_all, fold_until, state_to_json,
+- the history fold (initial_state, fold, fold_all, state_to_json,
   state_from_json) and its renderers render_openai / render_anthropic.
-- render(state, format) and messages_at(events, at_seq, format): the body of
-  GET /messages without `conversation_id`.
+- render(state, format): the body of GET /messages without `conversation_id`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
-
 from projections.anthropic import render_anthropic
 from projections.compact import compact
-from projections.history import fold, fold_all, fold_until, initial_state, state_from_json, state_to_json
+from projections.history import fold, fold_all, initial_state, state_from_json, state_to_json
 from projections.openai import render_openai
 
 FORMATS = ("openai", "anthropic")
 
-__all__ = ["FORMATS", "compact", "fold", "fold_all", "fold_until", "initial_state", "messages_at",
+__all__ = ["FORMATS", "compact", "fold", "fold_all", "initial_state",
            "render", "render_anthropic", "render_openai", "state_from_json", "state_to_json"]
 
 
@@ -30,9 +27,3 @@ def render(state: dict, format: str) -> dict:
     if format == "anthropic":
         return {"seq": state["seq"], **render_anthropic(state)}
     raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
-
-
-def messages_at(events: Iterable[dict], at_seq: int, format: str) -> dict:
-    """The history exactly as it stood at `at_seq`, from events in seq order
-    (later events may follow; they are not read)."""
-    return render(fold_until(events, at_seq), format)

@@ -25,7 +25,6 @@ State shape:
 
 from __future__ import annotations
 
-from itertools import takewhile
 from typing import Iterable
 
 import orjson
@@ -65,11 +64,6 @@ def fold_all(events: Iterable[dict], state: dict | None = None) -> dict:
     for event in events:
         fold(state, event)
     return state
-
-
-def fold_until(events: Iterable[dict], at_seq: int) -> dict:
-    """The state exactly as it stood at `at_seq` (point-in-time reads)."""
-    return fold_all(takewhile(lambda e: e["seq"] <= at_seq, events))
 
 
 def state_to_json(state: dict) -> bytes:

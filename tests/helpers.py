@@ -539,3 +539,26 @@ async def stored_log(database_url: str) -> list[dict]:
     finally:
         await conn.close()
     return [{**dict(row), "data": orjson.loads(row["data"])} for row in rows]
+
+
+# -- oracles (the pure reference a store answer is compared with) ------------------
+
+
+def messages_at(events, at_seq: int, format: str) -> dict:
+    """GET /messages' body from the events themselves: the history exactly as it
+    stood at `at_seq` (events in seq order; later ones are not read)."""
+    import projections
+
+    return projections.render(projections.fold_all(e for e in events if e["seq"] <= at_seq), format)
+
+
+def replay(conversation_id, events: list[tuple[str, dict]]):
+    """The aggregate rebuilt by applying every event from seq 1 (what the saved state must equal)."""
+    import domain
+
+    (first_type, first_data), rest = events[0], events[1:]
+    assert first_type == "conversation.created"
+    conversation = domain.create(conversation_id, first_data)
+    for type_, data in rest:
+        domain.apply(conversation, type_, data)
+    return conversation

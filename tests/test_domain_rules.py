@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import domain
+from tests.helpers import replay
 from tests.strategies import DomainRules, event_sequences_with_one_invalid, valid_event_sequences
 
 CID = uuid.UUID("c0ffee00-0000-4000-8000-000000000000")
@@ -54,7 +55,7 @@ def test_stored_state_resumes_exactly_like_a_replay(events, data):
     for event in events[1:split]:
         domain.apply(head, event["type"], event["data"])
     resumed = domain.from_state(CID, head.version, domain.to_state(head))
-    replayed = domain.replay(CID, [(e["type"], e["data"]) for e in events])
+    replayed = replay(CID, [(e["type"], e["data"]) for e in events])
     for event in events[split:]:
         domain.apply(resumed, event["type"], event["data"])
     assert resumed.version == replayed.version

@@ -11,10 +11,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import projections
 from store import NewEvent
 from store.folds import SNAPSHOT_EVERY
-from tests.helpers import TURN, append, assert_error, new_conversation, tool_turns
+from tests.helpers import TURN, append, assert_error, messages_at, new_conversation, tool_turns
 from tests.strategies import check_anthropic, check_openai, valid_event_sequences
 
 
@@ -58,7 +57,7 @@ async def test_at_seq_gives_the_history_exactly_as_it_stood(client):
     for seq in range(1, stored[-1]["seq"] + 1):
         for format in ("openai", "anthropic"):
             body = await messages(client, cid, at_seq=seq, format=format)
-            expected = projections.messages_at(events, seq, format)
+            expected = messages_at(events, seq, format)
             assert {k: v for k, v in body.items() if k != "conversation_id"} == expected
             assert body["seq"] == seq
     # at seq 9 the call is completed but its turn is still open and unanswered: left out
@@ -186,7 +185,7 @@ async def test_served_messages_equal_the_pure_fold_at_any_seq(store, principal, 
     for format in ("openai", "anthropic"):
         served = await store.messages(principal, cid, format, at_seq=seq)
         assert {k: v for k, v in served.items() if k != "conversation_id"} == \
-               projections.messages_at(stored, seq, format)
+               messages_at(stored, seq, format)
 
 
 def json_value(value):

@@ -4,8 +4,9 @@ and every way of computing them (compacted, from a snapshot, point in time) agre
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from projections import (compact, fold, fold_all, initial_state, messages_at, render, render_anthropic,
+from projections import (compact, fold, fold_all, initial_state, render, render_anthropic,
                          render_openai, state_from_json, state_to_json)
+from tests.helpers import messages_at
 from tests.strategies import (DomainRules, check_anthropic, check_openai, event_sequences_with_one_invalid,
                               first_invalid_index, valid_event_sequences)
 
