@@ -45,7 +45,7 @@ class NewEvent:
 class Appended:
     events: list[dict]
     last_seq: int
-    replayed: bool  # True: an idempotent retry, nothing was written
+    retried: bool  # True: an idempotent retry of a stored batch; nothing was written
 
 
 def _dumps(value: Any) -> str:
@@ -204,9 +204,9 @@ class Store:
             )
             if row is None:
                 raise NotFound(f"conversation {conversation_id} was not found")
-            replay = await self._replayed(conn, principal, conversation_id, events)
-            if replay is not None:
-                return Appended(replay, max(e["seq"] for e in replay), replayed=True)
+            retry = await self._stored_retry(conn, principal, conversation_id, events)
+            if retry is not None:
+                return Appended(retry, max(e["seq"] for e in retry), retried=True)
             current = row["seq"]
             if expected_seq is not None and expected_seq != current:
                 raise SeqConflict(f"expected_seq is {expected_seq} but the conversation is at seq {current}",
@@ -221,7 +221,7 @@ class Store:
             stored = await self._write(tx, _APPEND_EVENTS, principal, conversation_id, current + 1, events,
                                        row["updated_at"], current + len(events), domain.to_state(conversation),
                                        conversation.open_turn_id, conversation.title)
-            return Appended(stored, stored[-1]["seq"], replayed=False)
+            return Appended(stored, stored[-1]["seq"], retried=False)
 
         return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
 
@@ -266,7 +266,7 @@ class Store:
             turn_ids=frozenset(r["id"] for r in rows if r["kind"] == "turn"),
             calls={r["id"]: domain.FINAL if r["final"] else domain.ABANDONED for r in rows if r["kind"] == "call"})
 
-    async def _replayed(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID,
+    async def _stored_retry(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID,
                         events: list[NewEvent]) -> list[dict] | None:
         """The stored events if this batch is a retry of one already written.
 

@@ -98,7 +98,7 @@ async def test_an_outcome_that_cannot_be_learned_is_503_unknown_and_a_retry_sett
         assert unknown.value.details == {"outcome": "unknown"}
         proxy.refuse(False)
         retry = await store.append(principal, cid, batch)
-        assert retry.replayed, "the first attempt had committed: the retry writes nothing"
+        assert retry.retried, "the first attempt had committed: the retry writes nothing"
         events = await all_events(store, principal, cid)
         assert [e["data"]["content"] for e in events[1:]] == ["u-0", "u-1"]
         assert [e["seq"] for e in retry.events] == [2, 3]

@@ -183,7 +183,7 @@ async def test_an_idempotent_retry_returns_the_same_stored_events_and_writes_not
         NewEvent("conversation.titled", {"title": "T"}, "e-2"),
         NewEvent("message.user", {"content": [{"type": "text", "text": "parts"}], "name": "n"}, "e-3"),
     ])
-    assert not first.replayed
+    assert not first.retried
     after_first = await store.get_conversation(principal, cid)
 
     retries = [
@@ -198,7 +198,7 @@ async def test_an_idempotent_retry_returns_the_same_stored_events_and_writes_not
         ], expected_seq=1),
     ]
     for retry in retries:
-        assert retry.replayed
+        assert retry.retried
         assert retry.events == first.events  # same seq, position, created_at, id, type, data
         assert retry.last_seq == first.last_seq == 4
     assert await store.get_conversation(principal, cid) == after_first
@@ -210,7 +210,7 @@ async def test_the_same_batch_submitted_concurrently_is_written_once(store, prin
     cid = await new_store_conversation(store, principal)
     same = [user("once", "once-1"), user("once again", "once-2")]
     results = await asyncio.gather(*(store.append(principal, cid, same) for _ in range(5)))
-    assert sorted(r.replayed for r in results) == [False, True, True, True, True]
+    assert sorted(r.retried for r in results) == [False, True, True, True, True]
     assert all(r.events == results[0].events for r in results)
     assert [e["seq"] for e in results[0].events] == [2, 3]
     assert len(await all_events(store, principal, cid)) == 3
@@ -253,7 +253,7 @@ async def test_retrying_part_of_a_stored_batch_unchanged_returns_those_events(st
     cid = await new_store_conversation(store, principal)
     first = await store.append(principal, cid, [user("one", "e-1"), user("two", "e-2")])
     replay = await store.append(principal, cid, [user("two", "e-2")])
-    assert replay.replayed and replay.events == first.events[1:] and replay.last_seq == 3
+    assert replay.retried and replay.events == first.events[1:] and replay.last_seq == 3
     assert len(await all_events(store, principal, cid)) == 3
 
 

@@ -74,7 +74,7 @@ async def append_events(principal: PrincipalDep, conversation_id: ConversationId
     events = to_new_events(request.events, settings)
     appended = await store.append(principal, conversation_id, events, request.expected_seq)
     return JSONResponse({"events": appended.events, "last_seq": appended.last_seq},
-                        status_code=200 if appended.replayed else 201)
+                        status_code=200 if appended.retried else 201)
 
 
 @router.get("/{conversation_id}/events", openapi_extra=operation(ok={200: "EventPage"}))
