@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from api import errors, openapi
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
-from api.routes import conversations, events, feed, health, messages, stream, tokens
+from api.routes import conversations, events, feed, health, messages, stream, stream_token
 from api.settings import Settings
 from store import Store
 
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                            expose_headers=["x-vercel-ai-ui-message-stream"], max_age=600)
-    for module in (conversations, events, feed, health, messages, stream, tokens):
+    for module in (conversations, events, feed, health, messages, stream, stream_token):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Request
 
-from api import tokens
+from api import stream_tokens
 from api.errors import ApiError
 from api.settings import Settings
 from store import Store
@@ -78,7 +78,7 @@ async def get_stream_principal(request: Request, conversation_id: str) -> str:
         cid = uuid.UUID(conversation_id)
     except ValueError:
         raise ApiError(404, "not_found", f"conversation {conversation_id} was not found") from None
-    principal = tokens.principal_for(await token_key(request), token, cid)
+    principal = stream_tokens.principal_for(await token_key(request), token, cid)
     if principal is None:
         raise ApiError(401, "unauthorized", "the stream token is invalid, expired, or for another conversation")
     return principal

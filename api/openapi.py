@@ -1,7 +1,7 @@
 """The served OpenAPI document, made to tell the truth about the API.
 
 The routes read their bodies raw (`api.deps.read_json`, then
-`api.models.parse`), so FastAPI alone documents no request body, no error and
+`api.bodies.parse`), so FastAPI alone documents no request body, no error and
 no credentials. Here:
 
 - `operation(...)` is what a route passes as `openapi_extra`: the request body
@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api.models import EventIn
+from api.bodies import EventIn
 from domain.schemas import SCHEMAS
 
 _REF = "#/components/schemas/{model}"

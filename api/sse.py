@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable, Iterable
 import orjson
 
 from api.errors import ApiError
-from api.models import MAX_SEQ
+from api.bodies import MAX_SEQ
 from projections import ui
 from projections.compact import compact as compact_events
 

@@ -17,7 +17,7 @@ import pytest
 
 from api.app import create_app
 from api.deps import MAX_JSON_DEPTH
-from api.models import MAX_SEQ
+from api.bodies import MAX_SEQ
 from api.errors import allowed_methods
 from api.openapi import http_routes
 from api.settings import Settings

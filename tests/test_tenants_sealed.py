@@ -19,7 +19,7 @@ import httpx
 import pytest
 import uvicorn.logging
 
-from api import deps, tokens
+from api import deps, stream_tokens
 from api.app import create_app
 from api.openapi import http_routes
 from api.settings import Settings
@@ -175,9 +175,9 @@ async def test_keys_and_stream_tokens_never_reach_a_log_line(store, keys, api_ke
             alice = {"Authorization": f"Bearer {keys['alice']}"}
             cid = (await client.post("/v1/conversations", json={}, headers=alice)).json()["id"]
             token = (await client.post(f"/v1/conversations/{cid}/stream-token", headers=alice)).json()["token"]
-            expired, _ = tokens.mint(secret, f"alice-{principal}", uuid.UUID(cid), -60)
+            expired, _ = stream_tokens.mint(secret, f"alice-{principal}", uuid.UUID(cid), -60)
             forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-            other, _ = tokens.mint(secret, f"alice-{principal}", uuid.uuid4(), 300)
+            other, _ = stream_tokens.mint(secret, f"alice-{principal}", uuid.uuid4(), 300)
             wrong_key = f"wrong-{principal}"
             secrets = {"alice key": keys["alice"], "bob key": keys["bob"], "wrong key": wrong_key,
                        "token": token, "expired token": expired, "forged token": forged, "other token": other}

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import TIME_TEXT, UUID_TEXT, BodyDep, ConversationIdDep, PrincipalDep, StoreDep, parse_time, parse_uuid
 from api.errors import ApiError
-from api.models import CreateConversation, parse
+from api.bodies import CreateConversation, parse
 from api.openapi import operation
 from api.responses import JSONResponse
 

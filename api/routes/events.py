@@ -9,7 +9,7 @@ from pydantic import ValidationError
 import domain
 from api.deps import BodyDep, ConversationIdDep, PrincipalDep, SettingsDep, StoreDep
 from api.errors import ApiError
-from api.models import MAX_SEQ, AppendEvents, EventIn, nul_path, parse
+from api.bodies import MAX_SEQ, AppendEvents, EventIn, nul_path, parse
 from api.openapi import operation
 from api.responses import JSONResponse
 from api.settings import Settings

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Query
 
 from api.deps import PrincipalDep, StoreDep
-from api.models import MAX_POSITION
+from api.bodies import MAX_POSITION
 from api.openapi import operation
 from api.responses import JSONResponse
 

@@ -9,7 +9,7 @@ from pydantic import Field, JsonValue
 
 from api.deps import TIME_TEXT, BodyDep, ConversationIdDep, PrincipalDep, StoreDep, parse_time, parse_uuid
 from api.errors import ApiError
-from api.models import UuidText, Body, parse
+from api.bodies import UuidText, Body, parse
 from api.openapi import operation
 from api.responses import JSONResponse
 

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends
 
-from api import tokens
+from api import stream_tokens
 from api.deps import ConversationIdDep, PrincipalDep, SettingsDep, StoreDep, token_key
 from api.openapi import operation
 from api.responses import JSONResponse
@@ -17,6 +17,6 @@ router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 async def stream_token(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep,
                        settings: SettingsDep, key: bytes = Depends(token_key)):
     await store.get_conversation(principal, conversation_id)  # 404 unless it is yours
-    token, expires = tokens.mint(key, principal, conversation_id, settings.stream_token_ttl_seconds)
+    token, expires = stream_tokens.mint(key, principal, conversation_id, settings.stream_token_ttl_seconds)
     return JSONResponse({"token": token, "expires_at": rfc3339(datetime.fromtimestamp(expires, timezone.utc))},
                         status_code=201)
