@@ -5,6 +5,14 @@ Each command method decorated with `@event(...)` is its own event's mutator
 before any state changes, so a refused event leaves the aggregate as it was.
 The aggregate's version is the conversation's `seq`.
 
+Every command builds the eventsourcing library's event object, which the
+store never collects (the log is the events table, written by the store).
+Measured: `apply` costs about 9 µs per event against 0.08 µs for the rule
+alone; at 1.6 ms per one-event append that is under 1 %, and under a third of
+a 1,000-event batch's insert. Kept for now: the @event style puts each
+event's rule and state change in one method; if batch ingest needs it, the
+rules can run on a plain object instead (see issue 9's profile).
+
 The state the store saves with every append (`to_state`) is bounded by what
 is live: the open turn, the tool calls still waiting for their final result,
 argument text only while a call is open. So appending to a long conversation
@@ -220,7 +228,6 @@ def to_state(conversation: Conversation) -> dict:
         "open_turn_id": conversation.open_turn_id,
         "calls": {c: v for c, v in conversation.calls.items() if v[1] in LIVE_CALL},
         "call_args": conversation.call_args,
-        "title": conversation.title,
     }
 
 
@@ -246,7 +253,9 @@ def from_state(conversation_id: UUID, seq: int, state: dict, known: Known = Know
             "turn_ids": turn_ids,
             "calls": calls,
             "call_args": {k: list(v) for k, v in state["call_args"].items()},
-            "title": state["title"],
+            # no rule needs the title: it is kept once, in the conversation's
+            # row; here it is only what this batch sets (None: unchanged)
+            "title": None,
         },
     )
     return snapshot.mutate(None)

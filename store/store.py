@@ -73,7 +73,7 @@ RETURNING seq, position, created_at
 # $8 the conversation's last write time (created_at never goes backwards within
 # a conversation: the row lock orders its writers and greatest() guards against
 # clock steps), $9 its new seq, $10 the aggregate's new state, $11 the open
-# turn, $12 the title.
+# turn, $12 the title this batch sets (None: unchanged).
 _APPEND_EVENTS = f"""
 WITH ins AS (
     {_COLUMNS}
@@ -82,7 +82,7 @@ WITH ins AS (
 ), head AS (
     UPDATE conversations
        SET seq = $9, state = $10, updated_at = greatest(statement_timestamp(), $8),
-           open_turn_id = $11, title = $12
+           open_turn_id = $11, title = coalesce($12, title)
      WHERE principal = $1 AND id = $2
 )
 SELECT seq, position, created_at FROM ins ORDER BY seq

@@ -173,4 +173,4 @@ def test_the_saved_state_holds_only_what_is_live():
     domain.apply(conversation, "turn.started", {"turn_id": "live"})
     domain.apply(conversation, "tool_call.started", {"turn_id": "live", "tool_call_id": "open", "name": "f"})
     assert domain.to_state(conversation) == {"open_turn_id": "live", "calls": {"open": ["live", "started"]},
-                                             "call_args": {"open": []}, "title": None}
+                                             "call_args": {"open": []}}
