@@ -2,8 +2,9 @@
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from api.deps import StoreDep
 from api.errors import error_response
 from api.openapi import operation
 from api.responses import JSONResponse
@@ -17,9 +18,9 @@ async def healthz():
 
 
 @router.get("/readyz", openapi_extra=operation(ok={200: "Status"}))
-async def readyz(request: Request):
+async def readyz(store: StoreDep):
     try:
-        pending = await asyncio.wait_for(request.app.state.store.ready(), timeout=5)
+        pending = await asyncio.wait_for(store.ready(), timeout=5)
     except Exception as exc:  # unreachable, timed out, refused: all mean "not ready"
         return error_response(503, "store_unavailable", f"the event store cannot be reached: {type(exc).__name__}")
     if pending:
