@@ -21,16 +21,8 @@ import uuid
 import asyncpg
 
 from store import NewEvent, Store
+from tests.helpers import finished_tool_turn as tool_turn
 from tests.pg import TestServer
-
-
-def tool_turn(n: int) -> list[NewEvent]:
-    t, c = f"t{n}", f"call-{n}"
-    return [NewEvent("turn.started", {"turn_id": t}),
-            NewEvent("tool_call.started", {"turn_id": t, "tool_call_id": c, "name": "lookup"}),
-            NewEvent("tool_call.completed", {"tool_call_id": c, "arguments": '{"q": 1}'}),
-            NewEvent("turn.finished", {"turn_id": t, "finish_reason": "tool_calls"}),
-            NewEvent("tool.result", {"tool_call_id": c, "content": {"n": n}, "status": "ok"})]
 
 
 async def main(turns: int = 2000, samples: int = 300) -> None:

@@ -15,7 +15,7 @@ import pytest
 from store import (IdempotencyConflict, InvalidEvent, NewEvent, NotFound, SeqConflict, Store, StoreError,
                    create_pool)
 from store.writer import MAX_EVENTS_PER_TRANSACTION
-from tests.helpers import all_events, new_store_conversation, user_messages
+from tests.helpers import all_events, finished_tool_turn as tool_turn, new_store_conversation, user_messages
 
 
 def user(text: str, id: str | None = None) -> NewEvent:
@@ -406,16 +406,6 @@ async def test_appending_to_a_conversation_with_100000_events_reads_none_of_its_
     finally:
         await store.close()
         await admin.close()
-
-
-def tool_turn(n: int) -> list[NewEvent]:
-    """A finished turn with one answered tool call (5 events)."""
-    t, c = f"t{n}", f"call-{n}"
-    return [NewEvent("turn.started", {"turn_id": t}),
-            NewEvent("tool_call.started", {"turn_id": t, "tool_call_id": c, "name": "lookup"}),
-            NewEvent("tool_call.completed", {"tool_call_id": c, "arguments": '{"q": 1}'}),
-            NewEvent("turn.finished", {"turn_id": t, "finish_reason": "tool_calls"}),
-            NewEvent("tool.result", {"tool_call_id": c, "content": {"n": n}, "status": "ok"})]
 
 
 async def test_the_saved_state_of_2000_finished_tool_turns_is_as_small_as_a_new_conversations(store, principal):
