@@ -1,4 +1,8 @@
-"""Dependencies shared by the routes: the store, the principal, the JSON body."""
+"""Dependencies shared by the routes: the store, the principal, the JSON body.
+
+All are `async def` although none awaits much: FastAPI runs a plain `def`
+dependency on a worker thread, a round trip per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,11 @@ from store import Store
 OPEN_PRINCIPAL = "open"
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
@@ -39,7 +43,7 @@ def _key_digests(state) -> list[tuple[bytes, str]]:
     return digests
 
 
-def get_principal(request: Request) -> str:
+async def get_principal(request: Request) -> str:
     """The principal of the bearer key. The key is compared in constant time
     with every configured one (SHA-256 digests, all of them, no early exit),
     so the answer's timing tells nothing about how close a guess was."""
@@ -73,7 +77,7 @@ async def get_stream_principal(request: Request, conversation_id: str) -> str:
     """Stream endpoints also accept `?token=` (EventSource cannot send headers)."""
     token = request.query_params.get("token")
     if token is None:
-        return get_principal(request)
+        return await get_principal(request)
     try:
         cid = uuid.UUID(conversation_id)
     except ValueError:
@@ -197,7 +201,7 @@ def utc(moment: datetime, name: str) -> datetime:
                        f"{name} is out of range: it must lie between 0001-01-01 and 9999-12-31 in UTC") from None
 
 
-def conversation_id(conversation_id: str) -> uuid.UUID:
+async def conversation_id(conversation_id: str) -> uuid.UUID:
     """Path ids that are not UUIDs name no conversation: 404, like any unknown id."""
     try:
         return uuid.UUID(conversation_id)
