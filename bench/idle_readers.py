@@ -89,32 +89,29 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def rss_bytes(pid: int) -> int:
-    """VmRSS of `pid` and its descendants (with workers=1 there are none: uvicorn serves in-process)."""
+def _summed(pid: int, name: str, value) -> float:
+    """value(text of /proc/<p>/<name>) summed over `pid` and its descendants (gone ones count 0)."""
     total = 0
     for p in _descendants(pid):
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except (FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{p}/{name}") as f:
+                total += value(f.read())
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             pass
     return total
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of `pid` and its descendants (with workers=1 there are none: uvicorn serves in-process)."""
+    return int(_summed(pid, "status", lambda text: int(text.split("VmRSS:")[1].split()[0]) * 1024))
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` and its descendants so far."""
-    total = 0.0
-    for p in _descendants(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            pass
-    return total
+    def ticks(text: str) -> float:
+        fields = text.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _summed(pid, "stat", ticks)
 
 
 def server_send_queue(port: int) -> tuple[int, int]:
