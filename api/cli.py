@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     run.set_defaults(func=serve)
     mig = commands.add_parser("migrate", help="apply migrations to DATABASE_URL")
     mig.set_defaults(func=migrate)
+    ben = commands.add_parser("bench", help="measure chatlog side by side with its baselines (bench/README.md)",
+                              add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # its own options live in bench/cli.py (an extra: pip install 'chatlog[bench]')
+        from bench.cli import main as bench_main
+
+        sys.exit(bench_main(rest))
     args = parser.parse_args(argv)
     args.func(args)
 
