@@ -29,9 +29,9 @@ import time
 
 import orjson
 
-from bench.core import Bench
-from bench.sse import (Http, Readers, check_exactly_once, cpu_seconds, pct, raise_fd_limit, rss_bytes, server_pid,
-                       turn_in_progress, write_deltas)
+from bench.core import Bench, cpu_seconds
+from bench.sse import (Http, Readers, check_exactly_once, pct, raise_fd_limit, rss_bytes, turn_in_progress,
+                       write_deltas)
 
 KB = 1024
 
@@ -43,9 +43,9 @@ async def run(bench: Bench) -> None:
 
 async def fanout(bench: Bench) -> None:
     if bench.quick:
-        readers, conversations, rate, seconds, rounds = 30, 3, 20.0, 2.0, 2
+        readers, conversations, rate, seconds, rounds = 30, 3, 10.0, 2.0, 2
     else:
-        readers, conversations, rate, seconds, rounds = 300, 10, 25.0, 5.0, 4
+        readers, conversations, rate, seconds, rounds = 300, 10, 5.0, 6.0, 4
     database = await bench.database()
     async with bench.server(database) as url:
         https = [await Http.connect(url) for _ in range(conversations)]
@@ -123,13 +123,13 @@ class Stalled:
         self.writer.transport.abort()
 
 
-async def settled_rss(pid: int, quiet: float, deadline: float = 30.0, tolerance: int = 512 * KB) -> int:
+async def settled_rss(pids: list[int], quiet: float, deadline: float = 30.0, tolerance: int = 512 * KB) -> int:
     """RSS once it has not moved by more than `tolerance` for `quiet` seconds (or at `deadline`)."""
     start = time.monotonic()
     samples: list[tuple[float, int]] = []
     while True:
         now = time.monotonic()
-        samples.append((now, rss_bytes(pid)))
+        samples.append((now, rss_bytes(pids)))
         window = [r for t, r in samples if t >= now - quiet]
         if (now - start >= quiet and max(window) - min(window) <= tolerance) or now - start > deadline:
             return samples[-1][1]
@@ -145,7 +145,7 @@ async def idle_readers(bench: Bench) -> None:
     raise_fd_limit(readers + 512)
     database = await bench.database()
     async with bench.server(database) as url:
-        pid = server_pid(url)
+        pids = bench.server_pids(url)
         http = await Http.connect(url)
         stalled: list[Stalled] = []
         try:
@@ -153,7 +153,7 @@ async def idle_readers(bench: Bench) -> None:
             warm = (await turn_in_progress(http))[0]  # the code paths a baseline should already have paid for
             await http.post(f"/v1/conversations/{warm}/events", {"events": [
                 {"type": "text.delta", "data": {"turn_id": "t", "text": "x" * size}} for _ in range(batch)]})
-            baseline = await settled_rss(pid, quiet)
+            baseline = await settled_rss(pids, quiet)
             bench.progress(f"idle readers: connecting {readers}")
             gate = asyncio.Semaphore(10)
 
@@ -170,16 +170,16 @@ async def idle_readers(bench: Bench) -> None:
 
             async with asyncio.timeout(max(120.0, readers / 5)):
                 await asyncio.gather(*(connect(i) for i in range(readers)))
-            connected = await settled_rss(pid, quiet)
+            connected = await settled_rss(pids, quiet)
             bench.progress(f"idle readers: appending {events:,} events while they stall")
-            cpu = cpu_seconds(pid)
+            cpu = sum(map(cpu_seconds, pids))
             async with asyncio.timeout(300):
                 for b in range(events // batch):
                     await http.post(f"/v1/conversations/{cids[b % conversations]}/events", {"events": [
                         {"type": "text.delta", "data": {"turn_id": "t", "text": f"{b}-{i} ".ljust(size, "x")}}
                         for i in range(batch)]})
-            cpu = cpu_seconds(pid) - cpu
-            after = await settled_rss(pid, quiet, deadline=60.0)
+            cpu = sum(map(cpu_seconds, pids)) - cpu
+            after = await settled_rss(pids, quiet, deadline=60.0)
             # the server still serves everything to a reader that reads
             status, body = await http.request("GET", f"/v1/conversations/{cids[0]}/stream?compact=false&follow=false",
                                               headers={"Accept": "text/event-stream"})

@@ -14,16 +14,14 @@ per socket read, before parsing (the earliest a client could know), and keeps
 only each frame's seq (the part of its id before `:`). A reader whose stream
 ends, or that gets anything but 200, is an error: `until` and `take` raise.
 
-Also here: percentiles, and the RSS / CPU time of a server process from /proc.
+Also here: a lean HTTP client, a paced writer, percentiles, a server's RSS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import resource
-import subprocess
 import time
 from array import array
 from typing import Iterable
@@ -53,26 +51,16 @@ def raise_fd_limit(needed: int) -> None:
 # -- a server process seen from /proc ---------------------------------------------------
 
 
-def server_pid(url: str) -> int:
-    """The pid listening on `url`'s port (from `ss`)."""
-    port = url.rsplit(":", 1)[1]
-    out = subprocess.run(["ss", "-Hltnp", f"( sport = :{port} )"], capture_output=True, text=True,
-                         timeout=10).stdout
-    for part in out.split("pid=")[1:]:
-        return int(part.split(",")[0])
-    raise RuntimeError(f"no process listens on port {port}: {out!r}")
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def rss_bytes(pids: list[int]) -> int:
+    """VmRSS summed over `pids` (a server's processes; gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError):
+            pass
+    return total
 
 
 # -- a lean HTTP client ------------------------------------------------------------------
@@ -82,17 +70,42 @@ class Http:
     """One keep-alive HTTP/1.1 connection, for writers and timed reads: a client
     library's own overhead would share the cores with what is measured."""
 
-    def __init__(self, host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.host, self.reader, self.writer = host, reader, writer
+    IDLE = 3.0  # s; uvicorn closes a keep-alive connection idle for 5 s: open a new one before that
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.used = 0.0
 
     @classmethod
     async def connect(cls, url: str) -> "Http":
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        return cls(host, reader, writer)
+        http = cls(host, int(port))
+        await http._open()
+        return http
+
+    async def _open(self) -> None:
+        if self.writer is not None:
+            await self.close()
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.used = time.monotonic()
 
     async def request(self, method: str, path: str, body: bytes | None = None,
                       headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        await self.keep_alive()
+        try:
+            return await self._request(method, path, body, headers)
+        finally:
+            self.used = time.monotonic()
+
+    async def keep_alive(self) -> None:
+        """Open a new connection if this one has been idle long enough for the server to close it."""
+        if time.monotonic() - self.used > self.IDLE:
+            await self._open()
+
+    async def _request(self, method: str, path: str, body: bytes | None,
+                       headers: dict[str, str] | None) -> tuple[int, bytes]:
         head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}",
                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
         if body is not None:
@@ -119,11 +132,13 @@ class Http:
         return orjson.loads(answer)
 
     async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except OSError:
-            pass
+        writer, self.reader, self.writer = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
 
 
 async def turn_in_progress(http: Http) -> tuple[str, int]:
@@ -142,6 +157,7 @@ async def write_deltas(http: Http, cid: str, rate: float, seconds: float, offset
     duration in s (perf_counter)."""
     done = []
     path = f"/v1/conversations/{cid}/events"
+    await http.keep_alive()  # not inside the first timed append
     start = time.monotonic() + offset
     i = 0
     while (due := start + i / rate) < start + seconds:
