@@ -28,6 +28,7 @@ a model named `fake-<directive>` (`-` for spaces: `fake-tools`, `fake-slow-50ms`
                                (`retry-after S`, default 1; `retry-after-ms MS`)
     break after N              N chunks, then the connection is cut (no [DONE])
     truncate after N           N chunks, then a clean end without finish or [DONE]
+    stall after N              N chunks, then nothing until the client closes
     slow DURATION              a pause before every chunk (`50ms`, `1s`; number = ms)
     delay DURATION             a pause before the response headers
     long N [chunks]            N text chunks
@@ -59,7 +60,6 @@ from typing import Any
 import orjson
 
 MAX_BODY = 32 * 1024 * 1024
-KEPT_RESPONSE = 256 * 1024  # bytes of each answer kept in the record
 FAKE_MODELS = ("fake", "fake-tools", "fake-reasoning", "fake-long", "fake-slow")
 
 ERROR_SHAPES = {
@@ -103,7 +103,7 @@ class Received:
     answer: dict | None = None       # the assistant message it (began to) send
     chunks_sent: int = 0
     outcome: str = "open"            # done | error | broken | truncated | client_closed
-    response: bytes | bytearray = field(default_factory=bytearray)  # the body sent (first KEPT_RESPONSE bytes)
+    response: bytes | bytearray = field(default_factory=bytearray)  # the body sent (its first keep_response bytes)
 
     @property
     def json(self) -> Any:
@@ -133,6 +133,7 @@ class Script:
     delay: float = 0.0
     break_after: int | None = None
     truncate_after: int | None = None
+    stall_after: int | None = None
     error_after: tuple[int, int] | None = None
 
 
@@ -171,8 +172,10 @@ def words_of(text: str) -> list[str]:
 class FakeUpstream:
     """The server. `requests` is every request received (the last `max_requests`)."""
 
-    def __init__(self, *, max_requests: int = 1000, max_keys: int = 10_000):
+    def __init__(self, *, max_requests: int = 1000, keep_response: int = 64 * 1024, max_keys: int = 10_000):
         self.requests: collections.deque[Received] = collections.deque(maxlen=max_requests)
+        self.keep_response = keep_response
+        self._changed = asyncio.Event()
         self._failures: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._max_keys = max_keys
         self._count = 0
@@ -223,6 +226,21 @@ class FakeUpstream:
             self._thread.join(10)
             self._thread = None
 
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate, timeout: float = 10.0) -> Received:
+        """The newest kept request for which `predicate(record)` holds, waiting (on the loop
+        that started the server) until a request arrives or ends; TimeoutError after `timeout`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                changed = self._changed
+                for record in reversed(self.requests):
+                    if predicate(record):
+                        return record
+                await changed.wait()
+
     # -- the script --
 
     def script(self, request: dict, record: Received) -> Script:
@@ -261,7 +279,7 @@ class FakeUpstream:
             elif head in ("slow", "delay"):
                 setattr(s, head, duration(w[1]))
                 i = 2
-            elif head in ("break", "truncate"):
+            elif head in ("break", "truncate", "stall"):
                 pass
             elif head == "long":
                 long_n, i = int(w[1]), 2
@@ -288,6 +306,8 @@ class FakeUpstream:
                         s.break_after = n
                     elif head == "truncate":
                         s.truncate_after = n
+                    elif head == "stall":
+                        s.stall_after = n
                     elif head == "error":
                         s.error_after, s.status = (n, s.status), 200
                     i += 1
@@ -419,6 +439,7 @@ class FakeUpstream:
         self._count += 1
         record = Received(self._count, "POST", path, headers, body, time.time())
         self.requests.append(record)
+        self._touch()
         try:
             if not headers.get("authorization", "").startswith("Bearer "):
                 raise BadRequest("You didn't provide an API key. You need to provide your API key in an "
@@ -428,50 +449,39 @@ class FakeUpstream:
             script = self.script(request, record)
         except BadRequest as e:
             record.status, record.outcome = e.status, "error"
+            self._touch()
             return await send_json(writer, e.status, error_body(e.status, str(e), e.param), record=record)
-        if script.delay:
-            await asyncio.sleep(script.delay)
-        if script.error is not None:
-            record.status, record.outcome = script.status, "error"
-            return await send_json(writer, script.status, script.error, script.headers, record)
-        record.status = 200
-        record.answer = dict(script.answer, finish_reason=script.finish_reason)
-        if request.get("stream"):
-            include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-            return await self._stream(request, script, include_usage, record, reader, writer)
-        return await send_json(writer, 200, completion(request, script), record=record)
-
-    async def _stream(self, request, script, include_usage, record, reader, writer) -> bool:
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:29]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": request["model"], "service_tier": "default",
-                "system_fingerprint": "fp_fake"}
-        tail = {"usage": None} if include_usage else {}
-
-        def chunk(delta, finish=None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return orjson.dumps({**base, "choices": [choice], **tail})
-
-        events = [chunk(script.role_delta)] + [chunk(d) for d in script.deltas] + [chunk({}, script.finish_reason)]
-        if include_usage:
-            events.append(orjson.dumps({**base, "choices": [], "usage": usage(request, script)}))
-        events.append(b"[DONE]")
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                     b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n\r\n")
-        # the client closing its end is how a cancelled request shows here
+        # the client closing its end is how a cancelled (or timed-out) request shows here
         closed = asyncio.ensure_future(reader.read(1))
         try:
-            await self._send_events(events, script, record, closed, writer)
+            if script.delay:
+                await asyncio.wait([closed], timeout=script.delay)
+            if closed.done():
+                record.outcome = "client_closed"
+            elif script.error is not None:
+                record.status, record.outcome = script.status, "error"
+                await send_json(writer, script.status, script.error, script.headers, record)
+            elif request.get("stream"):
+                record.status = 200
+                record.answer = dict(script.answer, finish_reason=script.finish_reason)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                             b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n\r\n")
+                await self._send_events(stream_events(request, script), script, record, closed, writer)
+            else:
+                record.status = 200
+                record.answer = dict(script.answer, finish_reason=script.finish_reason)
+                await send_json(writer, 200, completion(request, script), record=record)
         except ConnectionError:
             record.outcome = "client_closed"
         finally:
             if not closed.done():
                 closed.cancel()
-        # keep the connection only when it ended cleanly and the watcher read nothing
-        # (a byte it read would be lost)
+            self._touch()
+        # keep the connection only when the exchange ended cleanly and the watcher
+        # read nothing (a byte it read would be lost)
         return record.outcome in ("done", "error", "truncated") and not closed.done()
 
-    @staticmethod
-    async def _send_events(events, script, record, closed, writer) -> None:
+    async def _send_events(self, events, script, record, closed, writer) -> None:
         for n, event in enumerate(events):
             if script.error_after is not None and n == script.error_after[0]:
                 event = orjson.dumps(error_body(script.error_after[1]))
@@ -484,6 +494,9 @@ class FakeUpstream:
             elif script.truncate_after is not None and n == script.truncate_after:
                 record.outcome = "truncated"
                 break
+            elif script.stall_after is not None and n == script.stall_after:
+                await writer.drain()
+                await closed  # until the client gives up
             if script.slow:
                 await asyncio.wait([closed], timeout=script.slow)
             if closed.done():
@@ -492,7 +505,7 @@ class FakeUpstream:
             data = b"data: " + event + b"\n\n"
             writer.write(b"%x\r\n%b\r\n" % (len(data), data))
             record.chunks_sent += 1
-            if len(record.response) < KEPT_RESPONSE:
+            if len(record.response) < self.keep_response:
                 record.response += data
             if record.outcome == "error":
                 break
@@ -502,6 +515,25 @@ class FakeUpstream:
         await writer.drain()
         if record.outcome == "open":
             record.outcome = "done"
+
+
+def stream_events(request: dict, script: Script) -> list[bytes]:
+    """The `data:` payloads of a streamed answer, as OpenAI sends them."""
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:29]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": request["model"], "service_tier": "default",
+            "system_fingerprint": "fp_fake"}
+    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    tail = {"usage": None} if include_usage else {}  # with include_usage every chunk says usage: null
+
+    def chunk(delta, finish=None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return orjson.dumps({**base, "choices": [choice], **tail})
+
+    events = [chunk(script.role_delta)] + [chunk(d) for d in script.deltas] + [chunk({}, script.finish_reason)]
+    if include_usage:
+        events.append(orjson.dumps({**base, "choices": [], "usage": usage(request, script)}))
+    events.append(b"[DONE]")
+    return events
 
 
 def _zip_longest(streams):
