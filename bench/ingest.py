@@ -59,7 +59,7 @@ class HttpIngest(Variant):
 
     def __init__(self, http: "HttpTarget", batch: int, connections: int = 200) -> None:
         self.http, self.batch, self.connections = http, batch, connections
-        self.name = f"chatlog over HTTP (wrk), {connections} connections, batch {batch}, 1 worker"
+        self.name = f"chatlog over HTTP (wrk), {connections} connections, batch {batch}, {http.workers} worker(s)"
         self.notes: list[str] = []
 
     async def measure(self, seconds: float) -> float:

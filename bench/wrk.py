@@ -103,13 +103,22 @@ async def run_wrk(bench: Bench, url: str, ids: Path, batch: int, connections: in
                      proc.pid)
 
 
-async def total_events(database_url: str) -> int:
-    """Events stored in the database (each conversation's last seq, summed)."""
+async def total_events(database_url: str, settle: float = 15.0) -> int:
+    """Events stored in the database (each conversation's last seq, summed), once
+    the count stops moving: requests wrk cut off at its end may still commit
+    (under load, seconds later). Waits at most `settle` seconds."""
     import asyncpg
 
     conn = await asyncpg.connect(database_url)
     try:
-        return int(await conn.fetchval("SELECT coalesce(sum(seq), 0) FROM conversations"))
+        deadline = asyncio.get_running_loop().time() + settle
+        last = None
+        while True:
+            now = int(await conn.fetchval("SELECT coalesce(sum(seq), 0) FROM conversations"))
+            if now == last or asyncio.get_running_loop().time() > deadline:
+                return now
+            last = now
+            await asyncio.sleep(0.25)
     finally:
         await conn.close()
 
