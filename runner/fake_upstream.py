@@ -34,8 +34,12 @@ a model named `fake-<directive>` (`-` for spaces: `fake-tools`, `fake-slow-50ms`
     long N [chunks]            N text chunks
     length                     finish_reason "length"
 
-Every request is kept (bounded) with its exact body bytes and what was answered:
-`FakeUpstream.requests`, and `GET /_fake/requests` (`DELETE` clears them).
+Every request is kept (bounded) with its exact body bytes, what was answered
+(`answer`: the assistant message, as the next request should carry it back),
+the chunks sent and how the exchange ended (`outcome`: done, error, broken,
+truncated, client_closed -- a cancelled runner shows as client_closed):
+`FakeUpstream.requests`, `await FakeUpstream.wait_for(predicate)`, and
+`GET /_fake/requests` (`DELETE` clears them).
 
 In process: `fake = FakeUpstream(); url = await fake.start()` (then `await
 fake.stop()`), or `url = fake.start_in_thread()` / `fake.stop_in_thread()`; the
@@ -353,15 +357,13 @@ class FakeUpstream:
                     text = ("Hello! This is chatlog's fake upstream: no API key needed, every word you see "
                             "streamed here was recorded as an event first." + (f' You said: "{said}"' if said else ""))
                 pieces = words_of(text)
-            reasoning = ""
-            if reasoning_field:
-                reasoning = "The user wants an answer. I will think briefly, then reply."
-                s.deltas += [{reasoning_field: p} for p in words_of(reasoning)]
-            s.deltas += [{"content": p} for p in pieces]
+            s.deltas = [{"content": p} for p in pieces]
             s.answer = {"role": "assistant", "content": "".join(pieces)}
-            if reasoning_field:
-                s.answer[reasoning_field] = reasoning
-                s.role_delta = {"role": "assistant", "content": None, reasoning_field: ""}
+        if reasoning_field:  # reasoning models think first, before text or tool calls
+            reasoning = "The user wants an answer. I will think briefly, then reply."
+            s.deltas[:0] = [{reasoning_field: p} for p in words_of(reasoning)]
+            s.answer[reasoning_field] = reasoning
+            s.role_delta = {"role": "assistant", "content": None, reasoning_field: ""}
         return s
 
     @staticmethod
@@ -409,6 +411,8 @@ class FakeUpstream:
                     if ":" in line:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
+                if headers.get("expect", "").lower() == "100-continue":  # curl, for bodies over 1 KiB
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = await read_body(reader, headers)
                 keep = await self._respond(method, path.split("?", 1)[0], headers, body, reader, writer)
                 if not keep or headers.get("connection", "").lower() == "close":
@@ -623,6 +627,11 @@ def validate(body: bytes) -> dict:
             continue
         if open_calls:
             break
+        if role == "assistant" and m.get("tool_calls") == []:
+            raise BadRequest(f"Invalid 'messages[{i}].tool_calls': empty array. Expected an array with minimum "
+                             "length 1, but got an empty array instead.", f"messages[{i}].tool_calls")
+        if role == "assistant" and m.get("content") is None and not m.get("tool_calls"):
+            raise BadRequest("Invalid value for 'content': expected a string, got null.", f"messages.[{i}].content")
         if role == "assistant" and m.get("tool_calls"):
             for j, call in enumerate(m["tool_calls"]):
                 fn = call.get("function") or {}
@@ -631,7 +640,7 @@ def validate(body: bytes) -> dict:
                                      "(a string).", f"messages.[{i}].tool_calls.[{j}]")
             open_calls, opened_at = [c["id"] for c in m["tool_calls"]], i
         elif role in ("user", "system", "developer") and m.get("content") is None:
-            raise BadRequest(f"Invalid value for 'content': expected a string, got null.", f"messages.[{i}].content")
+            raise BadRequest("Invalid value for 'content': expected a string, got null.", f"messages.[{i}].content")
     if open_calls:
         raise BadRequest("An assistant message with 'tool_calls' must be followed by tool messages responding to "
                          "each 'tool_call_id'. The following tool_call_ids did not have response messages: "

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
 
 import httpx
 import openai
@@ -106,10 +104,10 @@ async def test_reasoning_streams_before_the_text_in_the_chosen_field(client, fie
     other = "reasoning" if field == "reasoning_content" else "reasoning_content"
     assert got[field].startswith("The user wants") and got[other] == ""
     assert got["content"] == "It is 4."
-    fields = [next(iter(k for k in (c.choices[0].delta.model_extra or {}) if (c.choices[0].delta.model_extra or {})[k]),
-                   "content") for c in chunks if c.choices and (c.choices[0].delta.content or
-                                                              (c.choices[0].delta.model_extra or {}).get(field))]
-    assert fields.index("content") > 0 and set(fields[:fields.index("content")]) == {field}
+    kinds = ["content" if c.choices[0].delta.content else field
+             for c in chunks if c.choices and (c.choices[0].delta.content or (c.choices[0].delta.model_extra or {}).get(field))]
+    assert kinds == sorted(kinds, key=lambda kind: kind == "content")  # all the reasoning first
+    assert kinds.count(field) > 3 and kinds.count("content") == 3
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens > 0
 
 
@@ -146,6 +144,11 @@ async def test_tool_results_in_any_order_lead_to_a_text_that_quotes_them(fake, c
     assert second["finish_reason"] == "stop" and not second["calls"]
     assert "time returned 14:05" in second["content"] and 'weather returned {"temp": 21}' in second["content"]
     assert fake.requests[-1].json["messages"] == messages
+
+
+async def test_reasoning_can_precede_tool_calls(client):
+    got = assemble(await stream(client, say("[fake:reasoning] [fake:tools weather]"), tools=[WEATHER]))
+    assert got["reasoning_content"] and got["content"] == "" and got["calls"][0]["name"] == "weather"
 
 
 async def test_tools_without_names_call_every_tool_of_the_request_and_steps_repeat_them(client):
@@ -240,10 +243,29 @@ async def test_closing_a_slow_stream_is_seen_by_the_upstream(fake, client):
         if received == 5:
             break
     await response.close()
-    deadline = time.monotonic() + 5
-    while fake.requests[-1].outcome != "client_closed" and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert fake.requests[-1].outcome == "client_closed" and fake.requests[-1].chunks_sent < 100
+    record = await fake.wait_for(lambda r: r.outcome != "open", timeout=5)
+    assert record.outcome == "client_closed" and record.chunks_sent < 100
+
+
+async def test_a_stalled_stream_waits_until_the_client_gives_up(fake):
+    patient = openai.AsyncOpenAI(base_url=fake.url, api_key="k", max_retries=0, timeout=0.5)
+    response = await patient.chat.completions.create(
+        model="m", messages=say("[fake:stall after 2] [fake:say one two three]"), stream=True)
+    received = []
+    with pytest.raises(openai.APITimeoutError):
+        async for chunk in response:
+            received.append(chunk)
+    assert assemble(received)["content"] == "one"
+    record = await fake.wait_for(lambda r: r.outcome != "open", timeout=5)
+    assert record.outcome == "client_closed" and record.chunks_sent == 2
+
+
+async def test_a_delay_before_the_headers_ends_when_the_client_gives_up(fake):
+    patient = openai.AsyncOpenAI(base_url=fake.url, api_key="k", max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        await stream(patient, say("[fake:delay 30s]"))
+    record = await fake.wait_for(lambda r: r.outcome != "open", timeout=5)
+    assert record.outcome == "client_closed" and record.status == 0
 
 
 async def test_long_stream_has_n_text_chunks(client):
@@ -275,6 +297,8 @@ async def test_non_streaming_answer_and_models(client):
     ([USER, {"role": "assistant", "tool_calls": [
         {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}], "messages.[1].role",
      "did not have response messages: call_a"),
+    ([USER, {"role": "assistant", "content": None, "tool_calls": []}, USER], "messages[1].tool_calls", "empty array"),
+    ([USER, {"role": "assistant", "content": None}, USER], "messages.[1].content", "got null"),
     ([], "messages", "empty array"),
 ])
 async def test_requests_openai_refuses_are_refused_with_its_400(fake, client, messages, param, says):
