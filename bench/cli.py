@@ -123,7 +123,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         machine = await _machine(admin_url, server.source, argv)
         for name in args.only or SECTIONS:
-            bench._section = name
+            bench._section, bench._started = name, time.monotonic()
             bench.progress("starting")
             t0 = time.monotonic()
             error = None

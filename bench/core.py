@@ -52,9 +52,10 @@ class Bench:
     _databases: list[str] = field(default_factory=list)
     _section: str = ""
     _servers: dict[str, int] = field(default_factory=dict)  # base URL -> pid of `chatlog serve`
+    _started: float = field(default_factory=time.monotonic)  # the section's start (progress lines)
 
     def progress(self, text: str) -> None:
-        sys.stderr.write(f"[bench {self._section}] {text}\n")
+        sys.stderr.write(f"[bench {self._section} {time.monotonic() - self._started:5.1f}s] {text}\n")
         sys.stderr.flush()
 
     def row(self, name: str, value: float, unit: str, **more) -> Row:

@@ -63,8 +63,8 @@ class HttpIngest(Variant):
         self.notes: list[str] = []
 
     async def measure(self, seconds: float) -> float:
-        # at least 2 s: under a loaded machine a 1 s wrk run may end before 200
-        # connections' first answers
+        # at least 2 s: on a loaded machine 200 connections' first answers may
+        # take longer than a 1 s run
         return await self.http.load(self, max(2.0, seconds))
 
 
@@ -153,5 +153,5 @@ async def run(bench: Bench) -> None:
         ref, want, goal = goals.get(key, ("copy", None, None))
         ratio = bench.ratio(median[key], ref)
         met = None if want is None or ratio["ratio"] is None else ratio["ratio"] >= want
-        note = f"p99 {v.last.p99_ms:.1f} ms; {v.notes[-1]}; {spread[key]}"
+        note = f"{v.last.describe()}; {v.notes[-1]}; {spread[key]}"
         bench.row(v.name, median[key], "events/s", **ratio, goal=goal, met=met, note=note)

@@ -1,48 +1,45 @@
-"""Message-history reads: snapshot + tail vs a full replay, side by side in ONE run.
+"""Message reads: GET /messages at a random seq over HTTP (goal: p50 ≤ 5 ms).
 
-    .venv/bin/python -m bench.messages            # 10,000-event conversation
-    .venv/bin/python -m bench.messages --events 2000 --samples 50   # quick
+A 10,000-event conversation of realistic turns (a user message, reasoning and
+text deltas, a tool call with argument fragments, its result) is written at
+the store level in 1,000-event appends, and one read at its last seq writes
+the fold snapshots (every 256 seqs) as the first reader would. Then a real
+`chatlog serve` answers `GET …/messages?at_seq=N` for a seq drawn at random
+for every sample, over one keep-alive connection. Interleaved with it, as the
+reference the ratio is taken against: a full replay in this process (read
+every event up to N, fold from seq 1, render), what reads cost without
+snapshots. Every answer is checked (HTTP 200, `seq` = N).
 
-Variants, interleaved sample by sample so the machine's noise hits both alike:
-- full replay: read every event up to the seq (SQL) and fold + render it;
-- served cold: `Store.messages(at_seq=N)` with the process cache emptied, so it
-  loads the nearest snapshot and folds the tail (snapshots exist once any read
-  passed them; the first pass writes them);
-- served warm: the same at the conversation's current seq, cache kept (what a
-  chat UI asking for "now" after every append costs);
-- HTTP: GET /messages at random seqs through the FastAPI app (in process).
-The seq is drawn at random for every sample ("at any seq").
+Also the history builders the resume and growth sections share.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import random
-import statistics
 import time
 import uuid
 
-import httpx
+import orjson
 
 import projections
-from api.app import create_app
-from api.settings import Settings
+from bench.core import Bench
+from bench.sse import Http, pct
 from store import NewEvent, Store
-from tests.pg import TestServer
 
-PRINCIPAL = "open"  # the app's principal in open mode
+PRINCIPAL = "open"  # the principal of a server in open mode (no API keys)
+GOAL_MS = 5.0
 
 
-def conversation_events(total: int) -> list[NewEvent]:
-    """Realistic turns: a user message, ~80 text deltas, some reasoning, a tool call and its result."""
-    events, turn = [], 0
-    while len(events) < total - 1:
+def conversation_events(total: int, turn: int = 0) -> list[NewEvent]:
+    """`total` events of finished turns of 100 events each, counted from turn `turn`: a user message,
+    10 reasoning and 82 text deltas, a tool call with two argument fragments, the turn's end, the result."""
+    events = []
+    while len(events) < total:
         t = f"t{turn}"
         events += [NewEvent("message.user", {"content": f"question {turn}"}),
                    NewEvent("turn.started", {"turn_id": t, "model": "gpt-4o"})]
         events += [NewEvent("reasoning.delta", {"turn_id": t, "text": " think"}) for _ in range(10)]
-        events += [NewEvent("text.delta", {"turn_id": t, "text": f" word{i}"}) for i in range(80)]
+        events += [NewEvent("text.delta", {"turn_id": t, "text": f" word{i}"}) for i in range(82)]
         events += [NewEvent("tool_call.started", {"turn_id": t, "tool_call_id": f"c{turn}", "name": "search"}),
                    NewEvent("tool_call.delta", {"tool_call_id": f"c{turn}", "text": '{"q":'}),
                    NewEvent("tool_call.delta", {"tool_call_id": f"c{turn}", "text": f'"{turn}"}}'}),
@@ -50,88 +47,74 @@ def conversation_events(total: int) -> list[NewEvent]:
                    NewEvent("turn.finished", {"turn_id": t, "finish_reason": "tool_calls"}),
                    NewEvent("tool.result", {"tool_call_id": f"c{turn}", "content": {"hits": turn}, "status": "ok"})]
         turn += 1
-    return events[: total - 1]
+    return events[:total]
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+def open_turn(deltas: int, turn_id: str = "live") -> list[NewEvent]:
+    """A user message and a turn still streaming: turn.started and `deltas` text deltas."""
+    return [NewEvent("message.user", {"content": "write a long answer"}),
+            NewEvent("turn.started", {"turn_id": turn_id, "model": "gpt-4o"}),
+            *(NewEvent("text.delta", {"turn_id": turn_id, "text": f" w{i}"}) for i in range(deltas))]
 
 
-async def main(total: int, samples: int) -> None:
-    server = TestServer()
-    await server.start()
-    url = await server.create_database()
-    store = await Store.open(url)
+async def write_history(store: Store, events: list[NewEvent], batch: int = 1000) -> tuple[uuid.UUID, int]:
+    """A new conversation holding `events` (appended `batch` at a time); (its id, its last seq)."""
+    cid = uuid.UUID((await store.create_conversation(PRINCIPAL))["id"])
+    last = 1
+    for i in range(0, len(events), batch):
+        last = (await store.append(PRINCIPAL, cid, events[i:i + batch])).last_seq
+    return cid, last
+
+
+async def write_snapshots(store: Store, cid: uuid.UUID, last: int) -> None:
+    """What the first reader of the whole history leaves behind: the folds' snapshots up to `last`."""
+    store.history.forget()
+    await store.history.state_at(PRINCIPAL, cid, last)
+    await store.ui_states.copy_at(PRINCIPAL, cid, last)
+    await store.history.flush()
+    await store.ui_states.flush()
+
+
+async def read_messages(http: Http, cid: uuid.UUID, seq: int) -> float:
+    """GET /messages at `seq` (checked); the time it took in ms."""
+    start = time.perf_counter()
+    status, body = await http.request("GET", f"/v1/conversations/{cid}/messages?at_seq={seq}")
+    took = (time.perf_counter() - start) * 1000
+    if status != 200 or orjson.loads(body)["seq"] != seq:
+        raise RuntimeError(f"GET /messages?at_seq={seq}: HTTP {status} {body[:200]!r}")
+    return took
+
+
+async def full_replay(store: Store, cid: uuid.UUID, seq: int) -> float:
+    start = time.perf_counter()
+    rows = await store.pool.fetch("SELECT seq, type, data FROM events WHERE principal = $1 AND conversation_id = $2 "
+                                  "AND seq <= $3 ORDER BY seq", PRINCIPAL, cid, seq)
+    projections.render(projections.fold_all(dict(r) for r in rows), "openai")
+    return (time.perf_counter() - start) * 1000
+
+
+async def run(bench: Bench) -> None:
+    total, samples = (2_000, 60) if bench.quick else (10_000, 300)
+    database = await bench.database()
+    store = await Store.open(database, pool_size=2, writers=1)
     try:
-        cid = uuid.UUID((await store.create_conversation(PRINCIPAL))["id"])
-        events = conversation_events(total)
-        for i in range(0, len(events), 1000):
-            await store.append(PRINCIPAL, cid, events[i:i + 1000])
-        last = len(events) + 1
-        # one pass writes the snapshots (as a first reader would)
-        store.history.forget()
-        await store.messages(PRINCIPAL, cid, "openai")
-        await store.history.flush()
-
-        def timed(run):
-            async def measure(seq: int) -> float:
-                start = time.perf_counter()
-                await run(seq)
-                return (time.perf_counter() - start) * 1000
-            return measure
-
-        @timed
-        async def full_replay(seq: int) -> None:
-            rows = await store.pool.fetch(
-                "SELECT seq, type, data FROM events WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq", cid, seq)
-            projections.render(projections.fold_all(dict(r) for r in rows), "openai")
-
-        @timed
-        async def served_cold(seq: int) -> None:
-            store.history.forget()
-            await store.messages(PRINCIPAL, cid, "openai", at_seq=seq)
-
-        async def served_warm(_: int) -> float:
-            await store.messages(PRINCIPAL, cid, "openai")  # whatever came before, now it is warm
-            start = time.perf_counter()
-            await store.messages(PRINCIPAL, cid, "openai")
-            return (time.perf_counter() - start) * 1000
-
-        app = create_app(Settings(database_url=None, api_keys=""), store=store)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench")
-
-        @timed
-        async def http_cold(seq: int) -> None:
-            store.history.forget()
-            r = await client.get(f"/v1/conversations/{cid}/messages", params={"at_seq": seq})
-            assert r.status_code == 200
-
-        variants = {"full replay (SQL + fold + render)": full_replay, "served, cold cache (snapshot + tail)": served_cold,
-                    "served, warm cache, current seq": served_warm, "HTTP GET /messages, cold cache": http_cold}
-        timings: dict[str, list[float]] = {name: [] for name in variants}
-        rng = random.Random(7)
-        for _ in range(samples):
-            seq = rng.randint(1, last)
-            for name, run in variants.items():
-                timings[name].append(await run(seq))
-        await client.aclose()
-
-        base = statistics.median(timings["full replay (SQL + fold + render)"])
-        print(f"## message reads, {last:,}-event conversation, {samples} random seqs per variant (interleaved)\n")
-        print("| variant | p50 ms | p90 ms | p99 ms | p50 ÷ full replay |")
-        print("|---|---:|---:|---:|---:|")
-        for name, values in timings.items():
-            print(f"| {name} | {statistics.median(values):.2f} | {pct(values, 0.9):.2f} | {pct(values, 0.99):.2f} "
-                  f"| {statistics.median(values) / base:.3f}× |")
+        cid, last = await write_history(store, conversation_events(total - 1))
+        await write_snapshots(store, cid, last)
+        async with bench.server(database) as url:
+            http = await Http.connect(url)
+            try:
+                rng = random.Random(7)
+                http_ms, replay_ms = [], []
+                for _ in range(samples):
+                    seq = rng.randint(1, last)
+                    http_ms.append(await read_messages(http, cid, seq))
+                    replay_ms.append(await full_replay(store, cid, seq))
+            finally:
+                await http.close()
     finally:
         await store.close()
-        await server.close()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=10_000)
-    parser.add_argument("--samples", type=int, default=200)
-    args = parser.parse_args()
-    asyncio.run(main(args.events, args.samples))
+    p50, reference = pct(http_ms, 0.5), pct(replay_ms, 0.5)
+    bench.row(f"GET /messages at a random seq, {last:,}-event conversation, p50", p50, "ms", ratio=p50 / reference,
+              ratio_of="a full replay in process (SQL + fold + render)", goal=f"p50 ≤ {GOAL_MS:g} ms",
+              met=p50 <= GOAL_MS, note=f"{samples} random seqs, interleaved; p99 {pct(http_ms, 0.99):.1f} ms; "
+                                       f"full replay p50 {reference:.1f} ms")

@@ -7,11 +7,12 @@
 -- offered one instead of a slower schedule.
 
 local ids, batch, counter = {}, 1, 0
-local thread_count = 0
+local threads = {}
+unavailable, failed = 0, 0  -- per thread: 503 answers (backpressure, nothing written), other non-2xx
 
 function setup(thread)
-  thread:set("thread_id", thread_count)
-  thread_count = thread_count + 1
+  thread:set("thread_id", #threads)
+  threads[#threads + 1] = thread
 end
 
 function init(args)
@@ -58,11 +59,24 @@ if rate and rate > 0 then
   end
 end
 
+function response(status, headers, body)
+  if status == 503 then
+    unavailable = unavailable + 1
+  elseif status >= 300 then
+    failed = failed + 1
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
+  local u, f = 0, 0
+  for _, t in ipairs(threads) do
+    u = u + t:get("unavailable")
+    f = f + t:get("failed")
+  end
   io.write(string.format(
     'WRK {"requests": %d, "duration_us": %d, "status_errors": %d, "connect_errors": %d, "read_errors": %d, ' ..
-    '"write_errors": %d, "timeouts": %d, "p50_us": %d, "p99_us": %d}\n',
+    '"write_errors": %d, "timeouts": %d, "p50_us": %d, "p99_us": %d, "unavailable": %d, "failed": %d}\n',
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(99), u, f))
 end

@@ -116,7 +116,7 @@ class Http:
         fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         if "content-length" in fields:
             return status, await self.reader.readexactly(int(fields["content-length"]))
-        dechunk, out = _Dechunker(), []
+        dechunk, out = Dechunker(), []
         while not dechunk.done:
             data = await self.reader.read(65536)
             if not data:
@@ -172,7 +172,7 @@ async def write_deltas(http: Http, cid: str, rate: float, seconds: float, offset
 # -- the readers' process ---------------------------------------------------------------
 
 
-class _Dechunker:
+class Dechunker:
     """HTTP/1.1 chunked transfer decoding, incremental."""
 
     def __init__(self) -> None:
@@ -225,7 +225,7 @@ class _Stream(asyncio.Protocol):
             head, data = self.head[:end].decode("latin-1"), self.head[end + 4:]
             lines = head.split("\r\n")
             chunked = any(line.lower() == "transfer-encoding: chunked" for line in lines[1:])
-            self.body = _Dechunker().feed if chunked else (lambda b: b)
+            self.body = Dechunker().feed if chunked else (lambda b: b)
             if not self.status.done():
                 self.status.set_result(int(lines[0].split()[1]))
         self.pending += self.body(data)

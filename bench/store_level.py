@@ -8,7 +8,7 @@ former bench/append.py:
   turns; back-to-back pairs alternating G S / S G, the ratio is the median of
   the pairs' ratios;
 - the p50 and p99 of a lone 1-event append;
-- a 1-event append on a long conversation (100,000 events; 20,000 with
+- a 1-event append on a long conversation (100,000 events; 10,000 with
   --quick) vs a 10-event one, alternating: per-append cost must not depend on
   the history's length;
 - reads: the global feed vs `read_events` of one conversation, 1000-event
@@ -59,7 +59,7 @@ async def rate(store: Store, convs: list[uuid.UUID], batch: int, seconds: float)
 
 
 async def group_commit(bench: Bench, grouped: Store, single: Store) -> None:
-    pairs, seconds = (2, 0.5) if bench.quick else (8, 1.0)
+    pairs, seconds = (1, 0.5) if bench.quick else (8, 1.0)
     convs = [await open_turn(grouped) for _ in range(32)]
     stores = {"G": grouped, "S": single}
     for batch in (1, 10):
@@ -78,8 +78,8 @@ async def group_commit(bench: Bench, grouped: Store, single: Store) -> None:
 
 
 async def latency_and_length(bench: Bench, store: Store) -> None:
-    samples = 300 if bench.quick else 1000
-    long_events = 20_000 if bench.quick else 100_000
+    samples = 100 if bench.quick else 1000
+    long_events = 10_000 if bench.quick else 100_000
     short = await open_turn(store, with_deltas=8)
     lone = []
     for _ in range(samples):
@@ -116,7 +116,7 @@ async def latency_and_length(bench: Bench, store: Store) -> None:
 
 
 async def reads(bench: Bench, store: Store, long: uuid.UUID) -> None:
-    cap = 50_000 if bench.quick else 200_000
+    cap = 10_000 if bench.quick else 200_000
     await store.pool.execute("ANALYZE events")
 
     async def feed() -> tuple[int, float]:

@@ -40,14 +40,20 @@ def ensure_wrk(bench: Bench) -> str:
 class WrkResult:
     requests: int
     seconds: float
-    errors: int  # non-2xx/3xx answers, connect/read/write errors, timeouts
+    errors: int  # answers other than 2xx, connect/read/write errors, timeouts
     p50_ms: float
     p99_ms: float
+    unavailable: int = 0  # 503 answers: the documented backpressure, nothing written
     pid: int = 0
 
     @property
     def per_second(self) -> float:
-        return self.requests / self.seconds
+        """Appends answered 2xx per second."""
+        return (self.requests - self.errors) / self.seconds
+
+    def describe(self) -> str:
+        busy = f", {self.unavailable} of {self.requests} answers 503 (overload)" if self.unavailable else ""
+        return f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms{busy}"
 
 
 async def open_turns(database_url: str, count: int) -> Path:
@@ -98,9 +104,9 @@ async def run_wrk(bench: Bench, url: str, ids: Path, batch: int, connections: in
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed (exit {proc.returncode}): {text[-2000:]} {err.decode()[-2000:]}")
     d = json.loads(line[4:])
-    errors = d["status_errors"] + d["connect_errors"] + d["read_errors"] + d["write_errors"] + d["timeouts"]
+    errors = d["unavailable"] + d["failed"] + d["connect_errors"] + d["read_errors"] + d["write_errors"] + d["timeouts"]
     return WrkResult(d["requests"], d["duration_us"] / 1e6, errors, d["p50_us"] / 1000, d["p99_us"] / 1000,
-                     proc.pid)
+                     d["unavailable"], proc.pid)
 
 
 async def total_events(database_url: str, settle: float = 15.0) -> int:
@@ -132,5 +138,8 @@ def check_nothing_lost(before: int, after: int, result: WrkResult, batch: int, c
     if not answered_ok <= added <= (result.requests + connections) * batch:
         raise RuntimeError(f"{what}: {result.requests} requests answered ({result.errors} errors) × {batch} events, "
                            f"but the database grew by {added} events: events lost or doubled")
-    if result.errors > 0.01 * max(1, result.requests):
-        raise RuntimeError(f"{what}: {result.errors} of {result.requests} requests failed")
+    # 503 store_unavailable is the contract's answer to overload (nothing written,
+    # retry later): counted and reported, not a break. Any other failure is.
+    if result.errors > result.unavailable:
+        raise RuntimeError(f"{what}: {result.errors - result.unavailable} of {result.requests} requests failed "
+                           f"(not counting {result.unavailable} answers 503)")
