@@ -565,12 +565,8 @@ def replay(conversation_id, events: list[tuple[str, dict]]):
 
 
 def finished_tool_turn(n: int) -> list:
-    """A finished turn with one answered tool call (5 store events), as an agent loop writes them."""
-    from store import NewEvent
+    """A finished turn with one answered tool call (5 store events), as an agent loop writes them:
+    the turn `chatlog bench`'s growth section writes 10,000 of (one builder for both)."""
+    from bench.growth import finished_tool_turn
 
-    t, c = f"t{n}", f"call-{n}"
-    return [NewEvent("turn.started", {"turn_id": t}),
-            NewEvent("tool_call.started", {"turn_id": t, "tool_call_id": c, "name": "lookup"}),
-            NewEvent("tool_call.completed", {"tool_call_id": c, "arguments": '{"q": 1}'}),
-            NewEvent("turn.finished", {"turn_id": t, "finish_reason": "tool_calls"}),
-            NewEvent("tool.result", {"tool_call_id": c, "content": {"n": n}, "status": "ok"})]
+    return finished_tool_turn(n)
