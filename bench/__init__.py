@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m bench.append [--quick]`."""
+"""Benchmarks: `chatlog bench [--quick] [--json FILE] [--only a,b]` (bench/README.md)."""
