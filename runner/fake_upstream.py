@@ -9,8 +9,10 @@ fragments by `index`, `usage` in a last chunk with `choices: []` when
 `GET /models`, and OpenAI's 400 for the request mistakes a runner could make
 (a tool message answering no preceding tool call, a tool call left unanswered).
 
-The reply is chosen by directives `[fake:...]` in the last user message, or by
-a model named `fake-<directive>` (`-` for spaces: `fake-tools`, `fake-slow-50ms`):
+The reply is chosen by directives `[fake:...]` in the last user message (several
+combine: `[fake:slow 20ms] [fake:break after 5]`), or by a model named
+`fake-<directive>` (`-` for spaces: `fake-tools`, `fake-slow-50ms`); a directive it
+cannot read is a 400 that says so:
 
     (none)                     a short friendly text, streamed word by word
     say TEXT                   exactly TEXT, streamed word by word
@@ -20,18 +22,20 @@ a model named `fake-<directive>` (`-` for spaces: `fake-tools`, `fake-slow-50ms`
                                no names), fragments interleaved by index unless
                                `sequential`; after the results (role "tool") a text
                                that quotes them; `steps N`: N rounds of calls
-    error STATUS [after N]     STATUS before any chunk (OpenAI's error JSON), or an
-                               in-stream error event after N chunks
+    error [STATUS] [after N]   STATUS (500) before any chunk (OpenAI's error JSON), or
+                               an in-stream error event after N chunks
     fail N [STATUS] then ok    STATUS (default 500) N times, then the reply; also
     STATUS then ok             `429 then ok`. Counted per `key K` or per request
-                               messages+model; 429 carries Retry-After
+                               messages+model, starting over after the success;
+                               429 carries Retry-After
                                (`retry-after S`, default 1; `retry-after-ms MS`)
+    (N counts `data:` events, the role chunk included)
     break after N              N chunks, then the connection is cut (no [DONE])
     truncate after N           N chunks, then a clean end without finish or [DONE]
     stall after N              N chunks, then nothing until the client closes
-    slow DURATION              a pause before every chunk (`50ms`, `1s`; number = ms)
+    slow [DURATION]            a pause before every chunk (20ms; `1s`; number = ms)
     delay DURATION             a pause before the response headers
-    long N [chunks]            N text chunks
+    long [N] [chunks]          N (1000) text chunks `word0 word1 ...`
     length                     finish_reason "length"
 
 Every request is kept (bounded) with its exact body bytes, what was answered
@@ -164,13 +168,99 @@ def text_of(content: Any) -> str:
 def duration(word: str) -> float:
     m = re.fullmatch(r"([0-9.]+)(ms|s)?", word)
     if not m:
-        raise BadRequest(f"fake upstream: not a duration: {word!r} (50ms, 2s)")
+        raise ValueError(word)
     value = float(m.group(1))
     return value if m.group(2) == "s" else value / 1000
 
 
 def words_of(text: str) -> list[str]:
     return re.findall(r"\s*\S+", text) or [text]
+
+
+@dataclass
+class Plan:
+    """What the directives ask for."""
+
+    text: str | None = None
+    tools: list[str] | None = None           # [] = every tool of the request
+    sequential: bool = False
+    steps: int = 1
+    reasoning_field: str | None = None
+    status: int = 200
+    error_after: int | None = None
+    fail: tuple[int, int] | None = None      # (times, status)
+    key: str | None = None
+    retry_after: str = "1"
+    retry_after_ms: str | None = None
+    slow: float = 0.0
+    delay: float = 0.0
+    break_after: int | None = None
+    truncate_after: int | None = None
+    stall_after: int | None = None
+    long: int | None = None
+    finish_reason: str = "stop"
+
+
+def parse_plan(directives: list[str]) -> Plan:
+    plan = Plan()
+    for directive in directives:
+        try:
+            _parse(directive, plan)
+        except (IndexError, ValueError):
+            raise BadRequest(f"fake upstream: cannot read the directive [fake:{directive}] "
+                             "(durations: 50ms, 2s; the list: runner/fake_upstream.py)") from None
+    return plan
+
+
+def _parse(directive: str, plan: Plan) -> None:
+    w = directive.split()
+    if not w:
+        return
+    head, i = w[0].lower(), 1
+    if head == "say":
+        plan.text = directive.split(None, 1)[1] if len(w) > 1 else ""
+        return
+    if head == "reasoning":
+        plan.reasoning_field = "reasoning_content"
+    elif head == "tools":
+        plan.tools = []
+        if len(w) > 1 and w[1] not in ("sequential", "steps"):
+            plan.tools, i = [t for t in w[1].split(",") if t], 2
+    elif head == "error":
+        plan.status, i = (int(w[1]), 2) if len(w) > 1 and w[1].isdigit() else (500, 1)
+    elif head == "fail":  # fail N [STATUS] then ok
+        plan.fail, i = (int(w[1]), 500), 2
+        if i < len(w) and w[i].isdigit():
+            plan.fail, i = (plan.fail[0], int(w[i])), i + 1
+    elif head.isdigit() and "then" in w:  # 429 then ok
+        plan.fail = (1, int(head))
+    elif head in ("slow", "delay"):
+        setattr(plan, head, duration(w[1]) if len(w) > 1 else 0.02)
+        i = 2
+    elif head == "long":
+        plan.long, i = (int(w[1]), 2) if len(w) > 1 and w[1].isdigit() else (1000, 1)
+    elif head == "length":
+        plan.finish_reason = "length"
+    elif head not in ("break", "truncate", "stall"):
+        raise ValueError(head)
+    while i < len(w):  # options, in any directive
+        word, arg = w[i].lower(), (w[i + 1] if i + 1 < len(w) else "")
+        i += 1
+        if word.startswith("field="):
+            plan.reasoning_field = word.split("=", 1)[1]
+        elif word == "sequential":
+            plan.sequential = True
+        elif word in ("then", "ok", "chunks"):
+            pass
+        elif word == "after" and head in ("break", "truncate", "stall", "error"):
+            setattr(plan, f"{head}_after", int(arg))
+            i += 1
+        elif word in ("steps", "key", "retry-after", "retry-after-ms"):
+            value = int(arg) if word == "steps" else arg
+            setattr(plan, word.replace("-", "_"), value)
+            i += 1
+        else:
+            raise ValueError(word)
 
 
 class FakeUpstream:
@@ -248,90 +338,27 @@ class FakeUpstream:
     # -- the script --
 
     def script(self, request: dict, record: Received) -> Script:
-        directives = directives_of(request)
-        record.directives = directives
-        s = Script()
-        text: str | None = None
-        tools: list[str] | None = None
-        sequential, steps, reasoning_field = False, 1, None
-        fail: tuple[int, int] | None = None  # (times, status)
-        key, retry_after, retry_after_ms = None, "1", None
-        long_n: int | None = None
-        for directive in directives:
-            w = directive.split()
-            if not w:
-                continue
-            head, i = w[0].lower(), 1
-            if head == "say":
-                text = directive.split(None, 1)[1] if len(w) > 1 else ""
-                continue
-            if head == "reasoning":
-                reasoning_field = "reasoning_content"
-            elif head == "tools":
-                tools = []
-                if len(w) > 1 and w[1] not in ("sequential", "steps"):
-                    tools, i = [t for t in w[1].split(",") if t], 2
-            elif head == "error":
-                s.status = int(w[1])
-                i = 2
-            elif head == "fail":
-                fail, i = (int(w[1]), 500), 2
-                if i < len(w) and w[i].isdigit():
-                    fail, i = (fail[0], int(w[i])), i + 1
-            elif head.isdigit() and "then" in w:
-                fail = (1, int(head))
-            elif head in ("slow", "delay"):
-                setattr(s, head, duration(w[1]))
-                i = 2
-            elif head in ("break", "truncate", "stall"):
-                pass
-            elif head == "long":
-                long_n, i = int(w[1]), 2
-            elif head == "length":
-                s.finish_reason = "length"
-            while i < len(w):  # options, in any directive
-                word = w[i].lower()
-                arg = w[i + 1] if i + 1 < len(w) else None
-                if word.startswith("field="):
-                    reasoning_field = word.split("=", 1)[1]
-                elif word == "sequential":
-                    sequential = True
-                elif word == "steps" and arg:
-                    steps, i = int(arg), i + 1
-                elif word == "key" and arg:
-                    key, i = arg, i + 1
-                elif word == "retry-after" and arg:
-                    retry_after, i = arg, i + 1
-                elif word == "retry-after-ms" and arg:
-                    retry_after_ms, i = arg, i + 1
-                elif word == "after" and arg:
-                    n = int(arg)
-                    if head == "break":
-                        s.break_after = n
-                    elif head == "truncate":
-                        s.truncate_after = n
-                    elif head == "stall":
-                        s.stall_after = n
-                    elif head == "error":
-                        s.error_after, s.status = (n, s.status), 200
-                    i += 1
-                i += 1
-
-        if fail is not None:
-            times, status = fail
-            k = key or hashlib.sha256(orjson.dumps([request.get("model"), request["messages"]])).hexdigest()
-            done = self._failures.pop(k, 0)
-            if done < times:  # fail again; after the success the cycle restarts
-                self._failures[k] = done + 1
+        record.directives = directives_of(request)
+        plan = parse_plan(record.directives)
+        s = Script(status=plan.status, slow=plan.slow, delay=plan.delay, finish_reason=plan.finish_reason,
+                   break_after=plan.break_after, truncate_after=plan.truncate_after, stall_after=plan.stall_after)
+        if plan.error_after is not None:
+            s.status, s.error_after = 200, (plan.error_after, plan.status)
+        if plan.fail is not None:
+            times, status = plan.fail
+            key = plan.key or hashlib.sha256(orjson.dumps([request["model"], request["messages"]])).hexdigest()
+            failed = self._failures.pop(key, 0)
+            if failed < times:  # fail again; after the success the count starts over
+                self._failures[key] = failed + 1
                 while len(self._failures) > self._max_keys:
                     self._failures.popitem(last=False)
                 s.status = status
         if s.status != 200:
             s.error = error_body(s.status)
             if s.status == 429:
-                s.headers["retry-after"] = retry_after
-                if retry_after_ms:
-                    s.headers["retry-after-ms"] = retry_after_ms
+                s.headers["retry-after"] = plan.retry_after
+                if plan.retry_after_ms:
+                    s.headers["retry-after-ms"] = plan.retry_after_ms
             return s
 
         messages = request["messages"]
@@ -339,31 +366,30 @@ class FakeUpstream:
         since_user = messages[last_user + 1:]
         results = [m for m in since_user if m.get("role") == "tool"]
         rounds = sum(1 for m in since_user if m.get("role") == "assistant" and m.get("tool_calls"))
-        if tools is not None and rounds < steps:
-            if not tools:
-                tools = [t["function"]["name"] for t in request.get("tools") or [] if t.get("function")]
-            tools = tools or ["lookup"]
-            self._tool_calls(s, request, tools, sequential)
+        if plan.tools is not None and rounds < plan.steps:
+            names = plan.tools or [t["function"]["name"] for t in request.get("tools") or [] if t.get("function")]
+            self._tool_calls(s, request, names or ["lookup"], plan.sequential)
         else:
             if results:
                 pieces = words_of(answer_from_results(messages, results))
-            elif long_n is not None:
-                pieces = [f"word{i} " for i in range(long_n)]
+            elif plan.long is not None:
+                pieces = [f"word{i} " for i in range(plan.long)]
                 pieces[-1:] = [p.rstrip() for p in pieces[-1:]]
+            elif plan.text is not None:
+                pieces = words_of(plan.text)
             else:
-                if text is None:
-                    said = text_of(messages[last_user].get("content")) if last_user >= 0 else ""
-                    said = re.sub(r"\[fake:[^\]]*\]", "", said).strip()
-                    text = ("Hello! This is chatlog's fake upstream: no API key needed, every word you see "
-                            "streamed here was recorded as an event first." + (f' You said: "{said}"' if said else ""))
-                pieces = words_of(text)
+                said = text_of(messages[last_user].get("content")) if last_user >= 0 else ""
+                said = re.sub(r"\[fake:[^\]]*\]", "", said).strip()
+                pieces = words_of("Hello! This is chatlog's fake upstream: no API key needed, every word you see "
+                                  "streamed here was recorded as an event first."
+                                  + (f' You said: "{said}"' if said else ""))
             s.deltas = [{"content": p} for p in pieces]
             s.answer = {"role": "assistant", "content": "".join(pieces)}
-        if reasoning_field:  # reasoning models think first, before text or tool calls
-            reasoning = "The user wants an answer. I will think briefly, then reply."
-            s.deltas[:0] = [{reasoning_field: p} for p in words_of(reasoning)]
-            s.answer[reasoning_field] = reasoning
-            s.role_delta = {"role": "assistant", "content": None, reasoning_field: ""}
+        if plan.reasoning_field:  # reasoning models think first, before text or tool calls
+            field_name, reasoning = plan.reasoning_field, "The user wants an answer. I will think briefly, then reply."
+            s.deltas[:0] = [{field_name: p} for p in words_of(reasoning)]
+            s.answer[field_name] = reasoning
+            s.role_delta = {"role": "assistant", "content": None, field_name: ""}
         return s
 
     @staticmethod
@@ -451,7 +477,8 @@ class FakeUpstream:
                                  status=401)
             request = validate(body)
             script = self.script(request, record)
-        except BadRequest as e:
+        except Exception as e:  # a bug here answers 500 with its message rather than hanging the runner
+            e = e if isinstance(e, BadRequest) else BadRequest(f"fake upstream bug: {e!r}", status=500)
             record.status, record.outcome = e.status, "error"
             self._touch()
             return await send_json(writer, e.status, error_body(e.status, str(e), e.param), record=record)

@@ -364,3 +364,14 @@ async def test_started_in_process_or_in_a_thread():
         assert text == "b c" and len(threaded.requests) == 1
     finally:
         threaded.stop_in_thread()
+
+
+async def test_a_directive_it_cannot_read_is_a_400_that_says_so(client):
+    with pytest.raises(openai.BadRequestError, match=r"cannot read the directive \[fake:slow soon\]"):
+        await stream(client, say("[fake:slow soon]"))
+
+
+@pytest.mark.parametrize("model", ["fake", "fake-tools", "fake-reasoning", "fake-long", "fake-slow"])
+async def test_every_listed_model_streams(client, model):
+    got = assemble(await stream(client, say("hi"), model=model, tools=[TIME]))
+    assert got["finish_reason"] in ("stop", "tool_calls") and (got["content"] or got["calls"])
