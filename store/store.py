@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,34 +17,16 @@ import orjson
 import domain
 import projections
 from store import feed
-from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict, rfc3339
-from store.errors import ConversationExists, IdempotencyConflict, InvalidEvent, NotFound, OutOfRange, SeqConflict
+from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict
+from store.errors import ConversationExists, NotFound, OutOfRange
 from store.folds import HISTORY, UI, FoldReader
 from store.listener import Listener
 from store.pool import CONNECTION_ERRORS, Pool, create_pool, unavailable
 from store.positions import INDEX_BITS, MAX_EVENTS_PER_TRANSACTION
+from store.appends import Append, Appended, NewEvent  # noqa: F401 (NewEvent, Appended: the store's API)
 from store.writer import GroupWriter, Transaction
 
 log = logging.getLogger("chatlog.store")
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    """An event to append: its data already has the right shape for its type."""
-
-    type: str
-    data: dict
-    id: str | None = None
-    # `data` as JSON when the caller already encoded it (the API does, to check
-    # size and NUL): the insert then does not encode it again
-    encoded: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Appended:
-    events: list[dict]
-    last_seq: int
-    retried: bool  # True: an idempotent retry of a stored batch; nothing was written
 
 
 def _dumps(value: Any) -> str:
@@ -69,48 +50,10 @@ _CREATE_EVENTS = f"""
 RETURNING seq, position, created_at
 """
 
-# An append: the events and the conversation's new head in one round trip.
-# $8 the conversation's last write time (created_at never goes backwards within
-# a conversation: the row lock orders its writers and greatest() guards against
-# clock steps), $9 its new seq, $10 the aggregate's new state, $11 the open
-# turn, $12 the title this batch sets (None: unchanged).
-_APPEND_EVENTS = f"""
-WITH ins AS (
-    {_COLUMNS}
-    {_EVENT_ROWS.format(created_at="greatest(statement_timestamp(), $8::timestamptz)")}
-    RETURNING seq, position, created_at
-), head AS (
-    UPDATE conversations
-       SET seq = $9, state = $10, updated_at = greatest(statement_timestamp(), $8),
-           open_turn_id = $11, title = coalesce($12, title)
-     WHERE principal = $1 AND id = $2
-)
-SELECT seq, position, created_at FROM ins ORDER BY seq
-"""
-
-
 _BIG_WRITE = 5000
 
 # A turn's bounds, spelled as literals so the planner matches migration 003's partial index.
 _TURN_BOUNDS = "(" + ", ".join(f"'{t}'" for t in ("turn.started", *sorted(domain.TURN_ENDS))) + ")"
-
-# Which of these turn ids were used, and which of these tool calls exist (not
-# live, so finished or abandoned) and whether each has its final result; each
-# EXISTS is one probe of a partial unique index (migrations/008).
-_KNOWN = """
-SELECT 'turn' AS kind, k.id, NULL::boolean AS final
-  FROM unnest($3::text[]) AS k(id)
- WHERE EXISTS (SELECT 1 FROM events e WHERE e.principal = $1 AND e.conversation_id = $2
-                  AND e.type = 'turn.started' AND e.data ->> 'turn_id' = k.id)
-UNION ALL
-SELECT 'call', k.id,
-       EXISTS (SELECT 1 FROM events e WHERE e.principal = $1 AND e.conversation_id = $2
-                  AND e.type = 'tool.result' AND (e.data ->> 'status') <> 'pending'
-                  AND e.data ->> 'tool_call_id' = k.id)
-  FROM unnest($4::text[]) AS k(id)
- WHERE EXISTS (SELECT 1 FROM events e WHERE e.principal = $1 AND e.conversation_id = $2
-                  AND e.type = 'tool_call.started' AND e.data ->> 'tool_call_id' = k.id)
-"""
 
 
 def _lock_key(principal: str, conversation_id: uuid.UUID) -> str:
@@ -185,45 +128,19 @@ class Store:
             if row is None:
                 raise ConversationExists(f"a conversation with id {conversation_id} already exists",
                                          conversation_id=str(conversation_id))
-            await self._write(tx, _CREATE_EVENTS, principal, conversation_id, 1, events, row["created_at"])
+            await self._write(tx, principal, conversation_id, events, row["created_at"])
             return conversation_dict(row)
 
         return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
 
     async def append(self, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
                      expected_seq: int | None = None) -> Appended:
-        """Append a batch atomically, or refuse it whole."""
+        """Append a batch atomically, or refuse it whole (run with the other
+        appends of its group: store/appends.py)."""
         if not events:
             raise ValueError("an append needs at least one event")
-
-        async def op(tx: Transaction) -> Appended:
-            conn = tx.conn
-            row = await conn.fetchrow(
-                "SELECT seq, state, updated_at FROM conversations WHERE id = $1 AND principal = $2 FOR UPDATE",
-                conversation_id, principal,
-            )
-            if row is None:
-                raise NotFound(f"conversation {conversation_id} was not found")
-            retry = await self._stored_retry(conn, principal, conversation_id, events)
-            if retry is not None:
-                return Appended(retry, max(e["seq"] for e in retry), retried=True)
-            current = row["seq"]
-            if expected_seq is not None and expected_seq != current:
-                raise SeqConflict(f"expected_seq is {expected_seq} but the conversation is at seq {current}",
-                                  current_seq=current)
-            known = await self._known(conn, principal, conversation_id, row["state"], events)
-            conversation = domain.from_state(conversation_id, current, row["state"], known)
-            for index, new in enumerate(events):
-                try:
-                    domain.apply(conversation, new.type, new.data)
-                except domain.RuleBroken as broken:
-                    raise InvalidEvent.at(index, new.type, broken.rule, broken.message) from None
-            stored = await self._write(tx, _APPEND_EVENTS, principal, conversation_id, current + 1, events,
-                                       row["updated_at"], current + len(events), domain.to_state(conversation),
-                                       conversation.open_turn_id, conversation.title)
-            return Appended(stored, stored[-1]["seq"], retried=False)
-
-        return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
+        return await self.writer.submit(_lock_key(principal, conversation_id), len(events),
+                                        Append(principal, conversation_id, events, expected_seq))
 
     async def fork(self, principal: str, source_id: uuid.UUID, at_seq: int,
                    conversation_id: uuid.UUID | None = None, metadata: dict | None = None) -> dict:
@@ -253,72 +170,20 @@ class Store:
             domain.apply(conversation, new.type, new.data)
         return await self._create(principal, conversation_id, data, copies, conversation)
 
-    async def _known(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID, state: dict,
-                     events: list[NewEvent]) -> domain.Known:
-        """History facts for the ids this batch names that the saved state does
-        not hold: one probe of migration 008's unique indexes per id."""
-        turns, calls = domain.ids_named([(e.type, e.data) for e in events])
-        calls = [c for c in calls if c not in state["calls"]]
-        if not turns and not calls:
-            return domain.Known()
-        rows = await conn.fetch(_KNOWN, principal, conversation_id, turns, calls)
-        return domain.Known(
-            turn_ids=frozenset(r["id"] for r in rows if r["kind"] == "turn"),
-            calls={r["id"]: domain.FINAL if r["final"] else domain.ABANDONED for r in rows if r["kind"] == "call"})
-
-    async def _stored_retry(self, conn: asyncpg.Connection, principal: str, conversation_id: uuid.UUID,
-                        events: list[NewEvent]) -> list[dict] | None:
-        """The stored events if this batch is a retry of one already written.
-
-        Raises IdempotencyConflict when a given id is already used otherwise.
-        """
-        ids = [e.id for e in events if e.id is not None]
-        if not ids:
-            return None
-        rows = await conn.fetch(
-            # one unique-index lookup per id (LIMIT 1 keeps the planner from
-            # flattening it into a walk of the whole conversation)
-            f"""SELECT e.* FROM unnest($3::text[]) AS k(id) CROSS JOIN LATERAL (
-                    SELECT {_EVENT_COLUMNS} FROM events
-                     WHERE principal = $1 AND conversation_id = $2 AND id = k.id LIMIT 1) e""",
-            principal, conversation_id, ids,
-        )
-        if not rows:
-            return None
-        stored = {r["id"]: r for r in rows}
-        differing = [e.id for e in events
-                     if e.id in stored and (stored[e.id]["type"] != e.type or stored[e.id]["data"] != e.data)]
-        if differing or len(rows) != len(events):
-            reused = differing or [e.id for e in events if e.id in stored]
-            raise IdempotencyConflict(
-                "event ids were already used with other content" if differing
-                else "some event ids of this batch were already used by another batch",
-                ids=reused,
-            )
-        return [event_dict(stored[e.id]) for e in events]
-
-    async def _write(self, tx: Transaction, sql: str, principal: str, conversation_id: uuid.UUID,
-                     first_seq: int, events: list[NewEvent], *more: Any) -> list[dict]:
-        """Insert `events` from `first_seq` on with `sql` (_CREATE_EVENTS or
-        _APPEND_EVENTS, whose parameters after the batch are `more`); return
-        them as stored, and have the transaction announce them at COMMIT."""
-        seqs = list(range(first_seq, first_seq + len(events)))
-        ids = [e.id or str(uuid.uuid4()) for e in events]
+    async def _write(self, tx: Transaction, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
+                     created_at: datetime) -> None:
+        """Insert a new conversation's events from seq 1 on, and have the transaction announce them at COMMIT."""
+        first = tx.take(len(events))
         rows = await tx.conn.fetch(
-            sql, principal, conversation_id, seqs, tx.take_indexes(len(events)), ids, [e.type for e in events],
-            [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], *more,
+            _CREATE_EVENTS, principal, conversation_id, list(range(1, len(events) + 1)),
+            list(range(first, first + len(events))), [e.id or str(uuid.uuid4()) for e in events],
+            [e.type for e in events],
+            [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], created_at,
             # a big copy (a fork) may take longer than a statement is allowed
             timeout=None if len(events) < _BIG_WRITE else 60.0,
         )
-        tx.notifications.append(f"{conversation_id}:{seqs[0]}:{seqs[-1]}:{principal}")
-        tx.wrote(principal, conversation_id, seqs[0], rows[0]["position"])
-        moment = rfc3339(rows[0]["created_at"])
-        cid = str(conversation_id)
-        return [
-            {"conversation_id": cid, "seq": row["seq"], "position": row["position"], "id": ids[i],
-             "type": events[i].type, "data": events[i].data, "created_at": moment}
-            for i, row in enumerate(rows)
-        ]
+        tx.notifications.append(f"{conversation_id}:1:{len(events)}:{principal}")
+        tx.wrote(principal, conversation_id, 1, rows[0]["position"])
 
     # -- reads ----------------------------------------------------------------
 

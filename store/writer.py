@@ -7,17 +7,23 @@ transaction and no added latency; under heavy load the batches grow by
 themselves. Callers learn their result only after COMMIT returns, and readers
 only ever read committed rows, so nothing is visible before it is durable.
 
-Locks: each op locks its own conversation row. Ops of a group run in
-conversation-id order (stable, so one conversation's ops keep their arrival
-order), which makes lock order the same in every transaction: no deadlocks.
+A group costs a constant number of round trips, whatever it holds: BEGIN and
+the lock statement (one message), the ops, COMMIT. Appends are Batched ops:
+all of a group's appends run together (store/appends.py: one statement reads
+and locks, one writes and notifies); other ops (creating, forking) run one by
+one before them. Between groups, a writer keeps its connection as long as work
+waits (no acquire, no pool reset per group).
 
-Before any op runs, the transaction takes a transaction-level advisory lock on
-every conversation of its group (same order), plus the shared "writer" lock
-that tells the feed this transaction writes the log (store/feed.py). Advisory
-locks need no xid, so the transaction gets its xid (its feed positions) only
-once it holds all of them. Hence two transactions writing one conversation get
-their xids in the order they write it, and a conversation's positions follow
-its seqs.
+Locks: the transaction first takes a transaction-level advisory lock on every
+conversation of its group, in key order, the same in every transaction: no
+deadlocks. With them it takes the shared "writer" lock that tells the feed
+this transaction writes the log (store/feed.py). Advisory locks need no xid,
+so the transaction gets its xid (its feed positions) only once it holds all of
+them. Hence two transactions writing one conversation get their xids in the
+order they write it, and a conversation's positions follow its seqs. Ops of a
+group run in conversation-id order (stable, so one conversation's ops keep
+their arrival order); they read after the lock statement, so they see every
+earlier writer of their conversations committed.
 
 When COMMIT fails, the group may or may not have committed: the reply can be
 lost after PostgreSQL made the transaction durable. Running its ops again
@@ -43,33 +49,36 @@ from typing import Any, Awaitable, Callable
 import asyncpg
 
 from store.errors import OutcomeUnknown, OutOfRange, StoreError, Unavailable
-from store.pool import CONNECTION_ERRORS, LOST_CONNECTION, Pool
+from store.pool import CONNECTION_ERRORS, LOST_CONNECTION, Pool, unavailable
 from store.positions import MAX_EVENTS_PER_TRANSACTION, WRITER_LOCK, xid_of
 
 log = logging.getLogger("chatlog.writer")
 
-# Keys sorted by the caller; unnest keeps their order, so every transaction locks in the same order.
-_LOCK_CONVERSATIONS = f"""
-SELECT pg_advisory_xact_lock_shared({WRITER_LOCK[0]}, {WRITER_LOCK[1]}),
-       (SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest($1::text[]) AS k)
-"""
-
+def _begin_and_lock(keys: list[str]) -> str:
+    """BEGIN and the group's locks in one message (the simple protocol carries
+    no parameters: each key is spelled as hex, so no key can be read as SQL).
+    `keys` sorted by the caller, and taken in that order."""
+    spelled = ", ".join(f"hashtextextended(convert_from('\\x{k.encode().hex()}'::bytea, 'UTF8'), 0)" for k in keys)
+    return (f"BEGIN; SELECT pg_advisory_xact_lock_shared({WRITER_LOCK[0]}, {WRITER_LOCK[1]}), "
+            f"(SELECT count(pg_advisory_xact_lock(k)) FROM unnest(ARRAY[{spelled}]::bigint[]) AS k)")
 
 
 @dataclass
 class Transaction:
-    """What the ops of one group share: the connection, the index counter, and
-    the first row written (the witness the outcome check looks for)."""
+    """What the ops of one group share: the connection, the index counter, the
+    notifications to send, and the first row written (the witness the outcome
+    check looks for)."""
 
     conn: asyncpg.Connection
     next_index: int = 0
     notifications: list[str] = field(default_factory=list)
     witness: tuple[str, Any, int, int] | None = None  # (principal, conversation_id, seq, position)
 
-    def take_indexes(self, n: int) -> list[int]:
+    def take(self, n: int) -> int:
+        """The first of n consecutive indexes (positions) in this transaction."""
         start = self.next_index
         self.next_index += n
-        return list(range(start, start + n))
+        return start
 
     def wrote(self, principal: str, conversation_id: Any, seq: int, position: int) -> None:
         if self.witness is None:
@@ -77,6 +86,23 @@ class Transaction:
 
 
 Op = Callable[[Transaction], Awaitable[Any]]
+
+
+class Batched:
+    """An op the writer runs together with the other ops of its class in the
+    group: `run_all` answers each one (ok, result or refusal), in their order,
+    in a constant number of statements. Called alone (e.g. wrapped by another
+    op), it runs as a group of one."""
+
+    @classmethod
+    async def run_all(cls, tx: Transaction, ops: list[Any]) -> list[tuple[bool, Any]]:
+        raise NotImplementedError
+
+    async def __call__(self, tx: Transaction) -> Any:
+        [(ok, value)] = await type(self).run_all(tx, [self])
+        if not ok:
+            raise value
+        return value
 
 
 @dataclass
@@ -136,47 +162,57 @@ class GroupWriter:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*_releasing, return_exceptions=True)
         while self._waiting:
             request = self._waiting.popleft()
             if not request.future.done():
                 request.future.set_exception(Unavailable("this server is shutting down; retry on another one"))
 
     async def _work(self) -> None:
-        while True:
-            async with self._ready:
-                await self._ready.wait_for(lambda: self._waiting)
-                # Take a fair share of what waits, so the other writers get
-                # work too: one huge group on one connection is slower than a
-                # few in parallel whose fsyncs PostgreSQL combines anyway.
-                share = -(-len(self._waiting) // self._writers)
-                first = self._waiting.popleft()
-                group, size = [first], first.size
-                while self._waiting and len(group) < share and size + self._waiting[0].size <= self._max_events:
-                    request = self._waiting.popleft()
-                    group.append(request)
-                    size += request.size
-                self._busy += 1
-            # a bounded wait: what waited for a writer longer than a
-            # connection may be waited for is refused, not run late
-            late = time.monotonic() - self._pool.acquire_timeout
-            stale = [r for r in group if r.queued_at < late]
-            if stale:
-                _answer(stale, Unavailable("the event store is not keeping up right now; nothing was written, "
-                                           "retry shortly"))
-                group = [r for r in group if r.queued_at >= late]
-            try:
-                if group:
-                    await self._commit(sorted(group, key=lambda r: r.key))
-            except Exception as failure:  # never let the writer die; answer whoever is still waiting
-                log.exception("writer failed")
-                _answer(group, failure)
-            finally:
-                self._busy -= 1
+        line = _Line(self._pool)
+        try:
+            while True:
+                async with self._ready:
+                    await self._ready.wait_for(lambda: self._waiting)
+                    # Take a fair share of what waits, so the other writers get
+                    # work too: one huge group on one connection is slower than a
+                    # few in parallel whose fsyncs PostgreSQL combines anyway.
+                    share = -(-len(self._waiting) // self._writers)
+                    first = self._waiting.popleft()
+                    group, size = [first], first.size
+                    while self._waiting and len(group) < share and size + self._waiting[0].size <= self._max_events:
+                        request = self._waiting.popleft()
+                        group.append(request)
+                        size += request.size
+                    self._busy += 1
+                # a bounded wait: what waited for a writer longer than a
+                # connection may be waited for is refused, not run late
+                late = time.monotonic() - self._pool.acquire_timeout
+                stale = [r for r in group if r.queued_at < late]
+                if stale:
+                    _answer(stale, Unavailable("the event store is not keeping up right now; nothing was written, "
+                                               "retry shortly"))
+                    group = [r for r in group if r.queued_at >= late]
+                try:
+                    if group:
+                        await self._commit(sorted(group, key=lambda r: r.key), line)
+                except Exception as failure:  # never let the writer die; answer whoever is still waiting
+                    log.exception("writer failed")
+                    _answer(group, failure)
+                finally:
+                    self._busy -= 1
+                if not self._waiting:
+                    # after the callers were answered, and in the background:
+                    # the pool's reset of the connection is a round trip this
+                    # writer need not wait for
+                    line.release_soon()
+        finally:
+            await line.release()
 
-    async def _commit(self, group: list[_Request], attempts: int = 3) -> None:
+    async def _commit(self, group: list[_Request], line: "_Line", attempts: int = 3) -> None:
         """Run `group` in one transaction and answer every caller the truth."""
         try:
-            outcomes = await self._run(group)
+            outcomes = await self._run(group, line)
         except _CommitUnclear as unclear:
             self.unclear_commits += 1
             status = await self._settle(unclear.witness)
@@ -185,7 +221,7 @@ class GroupWriter:
                 self._count(group)
                 _deliver(group, unclear.outcomes)
             elif status == "aborted" and attempts > 1:
-                await self._commit(group, attempts - 1)  # nothing was written: run it again
+                await self._commit(group, line, attempts - 1)  # nothing was written: run it again
             elif status == "aborted":
                 _answer(group, Unavailable("the event store kept failing; nothing was written, retry shortly"))
             else:
@@ -199,7 +235,7 @@ class GroupWriter:
             # a fresh one; a timeout or an unreachable store already took its bound.
             if attempts > 1 and not self._closing and isinstance(failure, LOST_CONNECTION):
                 await asyncio.sleep(0.05)
-                await self._commit(group, attempts - 1)
+                await self._commit(group, line, attempts - 1)
             else:
                 _answer(group, failure if isinstance(failure, Unavailable) else Unavailable(
                     "the event store cannot be reached right now; nothing was written, retry shortly",
@@ -209,7 +245,7 @@ class GroupWriter:
             if len(group) > 1:
                 # one op broke the transaction for all (nothing committed): give each its own
                 for request in group:
-                    await self._commit([request], attempts)
+                    await self._commit([request], line, attempts)
                 return
             _answer(group, failure)
             return
@@ -220,39 +256,47 @@ class GroupWriter:
         self.transactions += 1
         self.ops += len(group)
 
-    async def _run(self, group: list[_Request]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        async with self._pool.acquire() as conn:
-            transaction = conn.transaction()
-            await transaction.start()
-            try:
-                await conn.execute(_LOCK_CONVERSATIONS, sorted({request.key for request in group}))
-                tx = Transaction(conn)
-                for request in group:
-                    try:
-                        outcomes.append((True, await request.op(tx)))
-                    except StoreError as refused:
-                        # ops check every rule before they write, so a refused
-                        # op has written nothing: the group goes on
-                        outcomes.append((False, refused))
-                if tx.notifications:
-                    await conn.execute("SELECT pg_notify('chatlog_events', n) FROM unnest($1::text[]) AS n",
-                                       tx.notifications)
-            except BaseException as failure:
-                if isinstance(failure, CONNECTION_ERRORS) or conn.is_closed():
-                    conn.terminate()  # a timed-out or broken connection: the server aborts with it
-                else:
-                    try:
-                        await transaction.rollback()
-                    except Exception:
-                        conn.terminate()  # the pool replaces it
-                raise
-            try:
-                await transaction.commit()
-            except BaseException as cause:
-                if isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, CONNECTION_ERRORS):
-                    raise  # PostgreSQL answered COMMIT with an error: it rolled back
-                raise _CommitUnclear(tx.witness, cause, outcomes) from cause
+    async def _run(self, group: list[_Request], line: "_Line") -> list[tuple[bool, Any]]:
+        conn = await line.get()
+        tx = Transaction(conn)
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(group)
+        try:
+            await conn.execute(_begin_and_lock(sorted({request.key for request in group})))
+            batched: dict[type, list[int]] = {}
+            for i, request in enumerate(group):
+                if isinstance(request.op, Batched):
+                    batched.setdefault(type(request.op), []).append(i)
+                    continue
+                try:
+                    outcomes[i] = (True, await request.op(tx))
+                except StoreError as refused:
+                    # ops check every rule before they write, so a refused
+                    # op has written nothing: the group goes on
+                    outcomes[i] = (False, refused)
+            for kind, members in batched.items():
+                for i, outcome in zip(members, await kind.run_all(tx, [group[i].op for i in members])):
+                    outcomes[i] = outcome
+            if tx.notifications:
+                await conn.execute("SELECT pg_notify('chatlog_events', n) FROM unnest($1::text[]) AS n",
+                                   tx.notifications)
+        except BaseException as failure:
+            if isinstance(failure, CONNECTION_ERRORS) or _closed(conn):
+                await line.discard()  # a timed-out or broken connection: the server aborts with it
+            else:
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    await line.discard()  # the pool replaces it
+            raise
+        try:
+            status = await conn.execute("COMMIT")
+        except BaseException as cause:
+            if isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, CONNECTION_ERRORS):
+                raise  # PostgreSQL answered COMMIT with an error: it rolled back
+            await line.discard()
+            raise _CommitUnclear(tx.witness, cause, outcomes) from cause
+        if status != "COMMIT":  # an error was swallowed somewhere: PostgreSQL rolled back
+            raise RuntimeError(f"COMMIT answered {status!r}: the transaction had failed and was rolled back")
         return outcomes
 
     async def _settle(self, witness: tuple[str, Any, int, int] | None) -> str:
@@ -287,6 +331,58 @@ class GroupWriter:
                 return "unknown"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+class _Line:
+    """A writer task's connection, kept while groups keep coming."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._conn: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        if self._conn is not None and _closed(self._conn):
+            await self.release()
+        if self._conn is None:
+            try:
+                self._conn = await self._pool.raw.acquire(timeout=self._pool.acquire_timeout)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+        return self._conn
+
+    async def discard(self) -> None:
+        """Never hand a half-broken connection to the next group: the pool replaces it."""
+        if self._conn is not None and not _closed(self._conn):
+            try:
+                self._conn.terminate()
+            except Exception:
+                pass
+        await self.release()
+
+    def release_soon(self) -> None:
+        if self._conn is not None:
+            task = asyncio.create_task(self.release())
+            _releasing.add(task)
+            task.add_done_callback(_releasing.discard)
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await self._pool.raw.release(conn)
+            except Exception:
+                pass  # asyncpg terminates what it cannot reset, and took back what it lost
+
+
+_releasing: set[asyncio.Task] = set()  # release_soon's tasks, kept until done
+
+
+def _closed(conn: asyncpg.Connection) -> bool:
+    """Closed, or lost and already taken back by the pool (whose proxy then refuses every call)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _deliver(group: list[_Request], outcomes: list[tuple[bool, Any]]) -> None:

@@ -315,6 +315,7 @@ async def test_nothing_is_streamed_before_it_is_committed(chatlog_servers, store
     NOTIFY queued): no process streams them until COMMIT, and a transaction
     that rolls back is never streamed at all."""
     from store import NewEvent
+    from store import appends as store_appends
 
     a, b = chatlog_servers
     async with a.client() as client_a, b.client() as client_b:
@@ -325,11 +326,12 @@ async def test_nothing_is_streamed_before_it_is_committed(chatlog_servers, store
 
         inserted, release = asyncio.Event(), asyncio.Event()
         held = {"rows": None, "roll_back": False}
-        real_write = store._write
+        real_write = store_appends._write  # a group's appends, all inserted by one statement
 
-        async def held_write(tx, sql, principal, conversation_id, *args, **kwargs):
-            stored = await real_write(tx, sql, principal, conversation_id, *args, **kwargs)
-            if str(conversation_id) == cid:
+        async def held_write(tx, heads):
+            stored = await real_write(tx, heads)
+            if any(str(head.conversation_id) == cid for head in heads):
+                conversation_id = uuid.UUID(cid)
                 held["rows"] = await tx.conn.fetchval(
                     "SELECT count(*) FROM events WHERE conversation_id = $1 AND seq > 3", conversation_id)
                 inserted.set()
@@ -338,7 +340,7 @@ async def test_nothing_is_streamed_before_it_is_committed(chatlog_servers, store
                     raise RuntimeError("this transaction rolls back")
             return stored
 
-        monkeypatch.setattr(store, "_write", held_write)
+        monkeypatch.setattr(store_appends, "_write", held_write)
 
         async def frames_during_two_heartbeats(client) -> list[Frame]:
             """Follow after seq 3 for two heartbeats (each makes the tail re-read the store)."""
