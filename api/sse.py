@@ -18,7 +18,11 @@ from api.bodies import MAX_SEQ
 from projections import ui
 from projections.compact import compact as compact_events
 
-# (live, events) -> the batch's items: (id, data) or (id, data, event name), or ui.DONE
+# (live, events) -> the batch's items: (id, data) or (id, data, event name), or ui.DONE;
+# also `share` (what readers whose frames are the same have in common, None:
+# nothing), `handoff()` (its state after a batch, given up to the batch's
+# memo) and `adopt(state)` (continue from a state another reader handed off).
+# EventFrames and projections.ui.UiStream are the two.
 Render = Callable[[bool, list[dict]], Iterable[tuple | str]]
 
 RETRY_MS = 3000
@@ -55,30 +59,69 @@ async def body(batches: AsyncIterator[tuple[bool, list[dict]]], render: Render,
                until_turn: str | None = None) -> AsyncIterator[bytes]:
     """A response body: `retry:` first, then each batch's items as frames,
     `: ping` for a heartbeat (an empty batch). A turn's stream (`until_turn`)
-    ends right after the turn's closing event."""
+    ends right after the turn's closing event.
+
+    A live batch's frames are encoded once for all the process's readers of
+    that batch with the same renderer (`render.share`) at the same cursor: the
+    first one stores them in the batch's memo (store/listener.py LiveBatch),
+    with the renderer's state after the batch, which the others adopt. A
+    batch is one write; the response's first frame goes out alone, as soon as
+    it is made."""
     yield retry()
+    first = True
     async with aclosing(batches):
         async for live, events in batches:
             if not events:
                 yield PING
                 continue
-            ended = False
-            if until_turn is not None:
-                events, ended = ui.through_turn_end(events, until_turn)
-            for item in render(live, events):
-                yield DONE if item is ui.DONE else frame(*item)
+            memo = getattr(events, "memo", None)
+            key = None if memo is None or render.share is None else (render.share, until_turn, events[0]["seq"])
+            if key is not None and (hit := memo.get(key)) is not None:
+                data, ended, state = hit
+                render.adopt(state)
+            else:
+                ended = False
+                if until_turn is not None:
+                    events, ended = ui.through_turn_end(events, until_turn)
+                items = iter(render(live, events))
+                if first and key is None:
+                    for item in items:  # the first frame, before the rest of the batch is made
+                        yield DONE if item is ui.DONE else frame(*item)
+                        first = False
+                        break
+                data = b"".join([DONE if item is ui.DONE else frame(*item) for item in items])
+                if key is not None:
+                    memo[key] = (data, ended, render.handoff())
+            if data:
+                first = False
+                yield data
             if ended:
                 return
 
 
-def event_frames(compact: bool) -> Render:
+class EventFrames:
     """format=events: a frame per stored event, id its seq, `event:` its type;
     the catch-up compacted when asked (a live batch never: its deltas are sent
-    as they come)."""
-    def render(live: bool, events: list[dict]) -> Iterable[tuple[str, dict, str]]:
-        for event in events if live or not compact else compact_events(events):
+    as they come, so every reader of a live batch gets the same frames)."""
+
+    share = "events"
+
+    def __init__(self, compact: bool) -> None:
+        self.compact = compact
+
+    def __call__(self, live: bool, events: list[dict]) -> Iterable[tuple[str, dict, str]]:
+        for event in events if live or not self.compact else compact_events(events):
             yield str(event["seq"]), event, event["type"]
-    return render
+
+    def adopt(self, state: None) -> None:
+        pass
+
+    def handoff(self) -> None:
+        return None
+
+
+def event_frames(compact: bool) -> Render:
+    return EventFrames(compact)
 
 
 def resume_point(last_event_id: str | None, after: str | None) -> tuple[int, int | None]:

@@ -193,8 +193,30 @@ class UiStream:
         self.resume, self.compact = resume, compact
         self.state = initial_ui_state() if state is None else state
         self.first = True
+        self._borrowed = False  # self.state is shared: copy it before translating
+
+    @property
+    def share(self) -> str | None:
+        """Streams of one conversation (or of one turn) whose translators
+        stand at the same seq give the same frames for the same live events:
+        the state at a seq is the fold of the events before it, and live
+        batches are never compacted. The first batch is the exception (it
+        starts at the resume point's frame)."""
+        return None if self.first else "ui"
+
+    def handoff(self) -> dict:
+        """The state after the last batch, for other streams at this point to adopt."""
+        self._borrowed = True
+        return self.state
+
+    def adopt(self, state: dict) -> None:
+        """Continue from `state` (handed off by a stream that translated the
+        same batch from the same state), without copying it until needed."""
+        self.state, self._borrowed = state, True
 
     def __call__(self, live: bool, events: list[dict]) -> Iterable[tuple[str, dict] | str]:
+        if self._borrowed:
+            self.state, self._borrowed = copy_ui_state(self.state), False
         compacted = self.compact and not live
         if self.first:
             frames = ui_frames_after(events, self.resume, self.state, compacted=compacted)
@@ -211,6 +233,14 @@ class UiStream:
             yield frame_id, chunk
         for _ in ends:
             yield DONE
+
+
+def copy_ui_state(state: dict) -> dict:
+    """A copy of `state` that translating further does not share anything
+    mutable with (the calls and their delta lists are copied)."""
+    part = state["part"]
+    return {**state, "part": None if part is None else dict(part),
+            "calls": {call_id: {**call, "deltas": list(call["deltas"])} for call_id, call in state["calls"].items()}}
 
 
 def through_turn_end(events: list[dict], turn_id: str) -> tuple[list[dict], bool]:

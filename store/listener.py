@@ -20,10 +20,16 @@ it reads, so nothing falls between the two and nothing comes twice.
 
 Each followed conversation has one `Tail`, shared by all readers of it in this
 process: on a wake-up the tail reads the new events from the store ONCE and
-keeps the most recent ones in a bounded buffer; readers take what they need
+keeps the most recent batches in a bounded buffer; readers take what they need
 from the buffer. A reader that has fallen behind the buffer reads from the
 store itself, so a slow reader never holds memory or slows anyone else, and
 never loses an event.
+
+A buffered batch is handed to every reader as the same `LiveBatch` (a list
+with a `memo` dict), so readers at the same point can share what they make of
+it: api/sse.py encodes a batch's frames once per format there, and N readers
+cost N socket writes, not N encodings. A reader is woken by the tail's one
+asyncio.Event (no per-reader query); its only timer is its heartbeat.
 """
 
 from __future__ import annotations
@@ -54,8 +60,20 @@ ReadEvents = Callable[[Key, int, int], Awaitable[list[dict]]]
 ReadHeads = Callable[[list[Key]], Awaitable[dict[Key, int]]]
 
 SWEEP_SECONDS = 1.0
+# a live reader takes one fetched batch at a time: at most this many events
+READ_LIMIT = 1000
 # a reader whose events cannot be fetched for this long is ended (it resumes elsewhere)
 STALL_SECONDS = 2.5
+
+
+class LiveBatch(list):
+    """Events one tail fetch read (or the part of them after a reader's
+    cursor), as every reader of the tail receives them. `memo` is shared by
+    all readers of the fetched batch and lives as long as the batch is
+    buffered: what readers derive from the batch, keyed by what it depends
+    on (api/sse.py keys encoded frames by format and the reader's cursor)."""
+
+    __slots__ = ("memo",)
 
 
 class Tail:
@@ -65,7 +83,9 @@ class Tail:
         self.key = key
         self.readers = 0
         self._read = read
-        self._buffer: deque[dict] = deque(maxlen=buffer_size)
+        self.buffer_size = buffer_size
+        self._batches: deque[LiveBatch] = deque()  # as fetched, oldest first; seqs contiguous
+        self.buffered = 0  # events in _batches: at most buffer_size, or the newest batch alone
         self._fetched: int | None = None  # highest seq read (None: no baseline yet)
         self._wanted = 0  # highest seq known to be committed (announced, or seen by the sweep)
         self._probe = False  # read once even if nothing is known to be missing (notifications were lost)
@@ -110,10 +130,10 @@ class Tail:
             # announcements that arrive during a read raise _wanted: the loop goes on
             while self._probe or self._wanted > self._fetched:
                 self._probe = False
-                events = await self._read(self.key, self._fetched, 1000)
+                events = await self._read(self.key, self._fetched, READ_LIMIT)
                 if not events:
                     break
-                self._buffer.extend(events)
+                self._keep(events)
                 self._fetched = events[-1]["seq"]
                 self._wake()
             self.failing_since = None
@@ -123,26 +143,38 @@ class Tail:
                 self.failing_since = time.monotonic()
             self._wake()
 
+    def _keep(self, events: list[dict]) -> None:
+        batch = LiveBatch(events)
+        batch.memo = {}
+        self._batches.append(batch)
+        self.buffered += len(batch)
+        while len(self._batches) > 1 and self.buffered > self.buffer_size:
+            self.buffered -= len(self._batches.popleft())
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def after(self, seq: int) -> list[dict] | None:
-        """Buffered events after `seq`, or None when the reader is not within
-        the buffer (behind it, or nothing buffered yet): then it reads the store."""
-        buffer = self._buffer
-        if not buffer or seq + 1 < buffer[0]["seq"]:
+    def after(self, seq: int) -> LiveBatch | list | None:
+        """The buffered events after `seq` that were fetched together with
+        seq + 1 (one batch at a time, so every reader at `seq` gets the same
+        batch and its memo), [] when there are none yet, or None when the
+        reader is not within the buffer (behind it, or nothing buffered
+        yet): then it reads the store."""
+        batches = self._batches
+        if not batches or seq + 1 < batches[0][0]["seq"]:
             return None
-        if seq >= buffer[-1]["seq"]:
+        if seq >= batches[-1][-1]["seq"]:
             return []
-        # from the right: a reader usually wants only the few newest events
-        newer = []
-        for event in reversed(buffer):
-            if event["seq"] <= seq:
+        # from the right: a reader usually wants the newest batch
+        for batch in reversed(batches):
+            if batch[0]["seq"] <= seq + 1:
                 break
-            newer.append(event)
-        newer.reverse()
-        return newer
+        if batch[0]["seq"] == seq + 1:
+            return batch
+        part = LiveBatch(event for event in batch if event["seq"] > seq)
+        part.memo = batch.memo
+        return part
 
     async def wait(self, timeout: float) -> bool:
         """Wait for new events; False on timeout."""
@@ -303,19 +335,21 @@ class Listener:
             tail = self.tails[key] = Tail(key, self._read, self._buffer_size)
         tail.join(after)
         try:
-            cursor = after
+            cursor, sent = after, False
             while not self.closing:
                 events = tail.after(cursor)
                 if events is None:
-                    events = await self._read(key, cursor, 1000)
+                    events = await self._read(key, cursor, READ_LIMIT)
                 if events:
-                    cursor = events[-1]["seq"]
+                    if sent:
+                        # let the loop run between batches: a reader that hung
+                        # up is cancelled here, instead of having the whole
+                        # buffer rendered for nobody first
+                        await asyncio.sleep(0)
+                    cursor, sent = events[-1]["seq"], True
                     yield events
-                    # let the loop run between batches: a reader that hung up
-                    # is cancelled here, instead of having the whole buffer
-                    # rendered for nobody first
-                    await asyncio.sleep(0)
                     continue
+                sent = False
                 if self._stalled(tail):
                     raise Unavailable("the event store cannot be read right now; resume with Last-Event-ID")
                 # failures wake the tail too (every second while they last),
@@ -339,7 +373,7 @@ class Listener:
         cursor = after
         try:
             while cursor < upto:
-                events = await self._read(key, cursor, min(1000, upto - cursor))
+                events = await self._read(key, cursor, min(READ_LIMIT, upto - cursor))
                 if not events:
                     break
                 cursor = events[-1]["seq"]

@@ -63,7 +63,13 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
         batches = store.stream(principal, conversation_id, max(resume[0], start - 1), upto, follow,
                                settings.heartbeat_seconds)
         return _response(sse.body(batches, sse.event_frames(compact), until_turn=turn_id))
-    # ui: the turn's frames come from a fresh translator fed from turn.started
-    batches = store.stream(principal, conversation_id, start - 1, upto, follow, settings.heartbeat_seconds)
+    # ui: a turn's frames are the conversation's frames of its events
+    # (projections/ui.py), so they come from a fresh translator fed from
+    # turn.started, or, resuming inside the turn, from the conversation's
+    # translator state at the resume point (snapshot + tail: a resume deep in
+    # a long turn does not translate the turn from its start)
     resume = resume if resume[0] >= start else (start - 1, None)
-    return _response(sse.body(batches, ui.UiStream(resume, compact), until_turn=turn_id), UI_HEADERS)
+    after = ui.read_after(resume)
+    state = await store.ui_states.copy_at(principal, conversation_id, after) if after >= start else None
+    batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds)
+    return _response(sse.body(batches, ui.UiStream(resume, compact, state), until_turn=turn_id), UI_HEADERS)
