@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api import errors, openapi
+from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
 from api.routes import conversations, events, feed, health, messages, stream, stream_token
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store  # None until the lifespan opens one
     app.state.principals_by_key = principals
     errors.install(app)
+    app.add_middleware(AppendFirst, endpoint=events.append_events)  # added first: CORS wraps it
     origins = settings.cors_origin_list()
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],

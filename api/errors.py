@@ -65,6 +65,20 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted({m for pattern, methods in routes if pattern.match(path) for m in methods})
 
 
+def handler_for(app: FastAPI, exc: Exception):
+    """The handler `install` gave `app` for `exc` (its class or the nearest
+    base), as Starlette's ExceptionMiddleware picks it; None for what only the
+    500 catch-all takes, which FastAPI's ServerErrorMiddleware runs (it logs,
+    answers and re-raises). For api/hot_path.py, which runs before that lookup."""
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        handler = app.exception_handlers.get(cls)
+        if handler is not None:
+            return handler
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError):

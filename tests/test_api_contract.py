@@ -330,3 +330,16 @@ async def test_cors_allows_only_the_configured_origins(make_client):
     assert "last-event-id" in r.headers["access-control-allow-headers"].lower()
     r = await opened.get("/healthz", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+async def test_a_browser_on_an_allowed_origin_reads_its_appends_and_their_errors(make_client):
+    client = make_client(api_keys="", cors_origins="https://app.example")
+    cid = await new_conversation(client)
+    allowed, other = {"Origin": "https://app.example"}, {"Origin": "https://evil.example"}
+    r = await client.post(f"/v1/conversations/{cid}/events", json={"events": TURN[:1]}, headers=allowed)
+    assert r.status_code == 201 and r.headers["access-control-allow-origin"] == "https://app.example"
+    r = await client.post(f"/v1/conversations/{cid}/events", json={"events": TURN[2:3]}, headers=allowed)
+    assert_error(r, 422, "invalid_event")
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    r = await client.post(f"/v1/conversations/{cid}/events", json={"events": TURN[1:2]}, headers=other)
+    assert r.status_code == 201 and "access-control-allow-origin" not in r.headers
