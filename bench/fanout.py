@@ -10,7 +10,8 @@ difference between the variants is whether the written conversation has
 followers. Every reader must receive every event written to its conversation
 exactly once, in order; anything else breaks the run.
 
-Idle readers (was bench/idle_readers.py, issue 7): another server; readers with
+Idle readers (was bench/idle_readers.py, issue 7), first, on the same server
+while nothing has used it yet (a clean RSS baseline): readers with
 a 4 KB receive buffer read the response head and never read again (the worst
 case: the server's writes back up) while events are appended to the
 conversations they follow. Rows: server RSS per connected reader, RSS growth
@@ -37,44 +38,44 @@ KB = 1024
 
 
 async def run(bench: Bench) -> None:
-    await fanout(bench)
-    await idle_readers(bench)
-
-
-async def fanout(bench: Bench) -> None:
-    if bench.quick:
-        readers, conversations, rate, seconds, rounds = 30, 3, 10.0, 2.0, 2
-    else:
-        readers, conversations, rate, seconds, rounds = 300, 10, 5.0, 6.0, 4
     database = await bench.database()
     async with bench.server(database) as url:
-        https = [await Http.connect(url) for _ in range(conversations)]
-        try:
-            followed = [await turn_in_progress(https[0]) for _ in range(conversations)]
-            alone = [await turn_in_progress(https[0]) for _ in range(conversations)]
-            paths = [f"/v1/conversations/{followed[i % conversations][0]}/stream?compact=false"
-                     f"&after={followed[i % conversations][1]}" for i in range(readers)]
-            bench.progress(f"fan-out: connecting {readers} readers to {conversations} conversations")
-            latencies: dict[str, list[float]] = {"followed": [], "alone": []}
-            async with Readers(url, paths) as reading:
-                for r in range(rounds):
-                    for variant in (("followed", "alone") if r % 2 == 0 else ("alone", "followed")):
-                        convs = followed if variant == "followed" else alone
-                        done = await asyncio.gather(*(
-                            write_deltas(http, cid, rate, seconds, offset=k / (rate * conversations))
-                            for k, (http, (cid, _)) in enumerate(zip(https, convs))))
-                        latencies[variant] += [d[3] for appends in done for d in appends]
-                        if variant == "followed":
-                            last = {i: done[i % conversations][-1][0] for i in range(readers)}
-                            await reading.until(last)
-                    bench.progress(f"fan-out: round {r + 1}/{rounds}: append p50 "
-                                   f"{statistics.median(latencies['followed']) * 1000:.2f} ms followed, "
-                                   f"{statistics.median(latencies['alone']) * 1000:.2f} ms alone")
-                got = await reading.take()
-            heads = {cid: (await https[0].request("GET", f"/v1/conversations/{cid}"))[1] for cid, _ in followed}
-        finally:
-            for http in https:
-                await http.close()
+        await idle_readers(bench, url)  # first: its baseline is a server nothing has used yet
+        await fanout(bench, url)
+
+
+async def fanout(bench: Bench, url: str) -> None:
+    if bench.quick:
+        readers, conversations, rate, seconds, rounds = 30, 3, 10.0, 1.5, 2
+    else:
+        readers, conversations, rate, seconds, rounds = 300, 10, 5.0, 6.0, 4
+    https = [await Http.connect(url) for _ in range(conversations)]
+    try:
+        followed = [await turn_in_progress(https[0]) for _ in range(conversations)]
+        alone = [await turn_in_progress(https[0]) for _ in range(conversations)]
+        paths = [f"/v1/conversations/{followed[i % conversations][0]}/stream?compact=false"
+                 f"&after={followed[i % conversations][1]}" for i in range(readers)]
+        bench.progress(f"fan-out: connecting {readers} readers to {conversations} conversations")
+        latencies: dict[str, list[float]] = {"followed": [], "alone": []}
+        async with Readers(url, paths) as reading:
+            for r in range(rounds):
+                for variant in (("followed", "alone") if r % 2 == 0 else ("alone", "followed")):
+                    convs = followed if variant == "followed" else alone
+                    done = await asyncio.gather(*(
+                        write_deltas(http, cid, rate, seconds, offset=k / (rate * conversations))
+                        for k, (http, (cid, _)) in enumerate(zip(https, convs))))
+                    latencies[variant] += [d[3] for appends in done for d in appends]
+                    if variant == "followed":
+                        last = {i: done[i % conversations][-1][0] for i in range(readers)}
+                        await reading.until(last)
+                bench.progress(f"fan-out: round {r + 1}/{rounds}: append p50 "
+                               f"{statistics.median(latencies['followed']) * 1000:.2f} ms followed, "
+                               f"{statistics.median(latencies['alone']) * 1000:.2f} ms alone")
+            got = await reading.take()
+        heads = {cid: (await https[0].request("GET", f"/v1/conversations/{cid}"))[1] for cid, _ in followed}
+    finally:
+        for http in https:
+            await http.close()
     frames = 0
     for i, (seqs, _) in enumerate(got):
         cid, start = followed[i % conversations]
@@ -136,61 +137,59 @@ async def settled_rss(pids: list[int], quiet: float, deadline: float = 30.0, tol
         await asyncio.sleep(0.2)
 
 
-async def idle_readers(bench: Bench) -> None:
+async def idle_readers(bench: Bench, url: str) -> None:
     if bench.quick:
-        readers, conversations, events, quiet = 100, 5, 2_000, 1.0
+        readers, conversations, events, quiet = 50, 5, 1_000, 0.6
     else:
         readers, conversations, events, quiet = 1_000, 10, 10_000, 2.0
     batch, size = 100, 200
     raise_fd_limit(readers + 512)
-    database = await bench.database()
-    async with bench.server(database) as url:
-        pids = bench.server_pids(url)
-        http = await Http.connect(url)
-        stalled: list[Stalled] = []
-        try:
-            cids = [(await turn_in_progress(http))[0] for _ in range(conversations)]
-            warm = (await turn_in_progress(http))[0]  # the code paths a baseline should already have paid for
-            await http.post(f"/v1/conversations/{warm}/events", {"events": [
-                {"type": "text.delta", "data": {"turn_id": "t", "text": "x" * size}} for _ in range(batch)]})
-            baseline = await settled_rss(pids, quiet)
-            bench.progress(f"idle readers: connecting {readers}")
-            gate = asyncio.Semaphore(10)
+    pids = bench.server_pids(url)
+    http = await Http.connect(url)
+    stalled: list[Stalled] = []
+    try:
+        cids = [(await turn_in_progress(http))[0] for _ in range(conversations)]
+        warm = (await turn_in_progress(http))[0]  # the code paths a baseline should already have paid for
+        await http.post(f"/v1/conversations/{warm}/events", {"events": [
+            {"type": "text.delta", "data": {"turn_id": "t", "text": "x" * size}} for _ in range(batch)]})
+        baseline = await settled_rss(pids, quiet)
+        bench.progress(f"idle readers: connecting {readers}")
+        gate = asyncio.Semaphore(10)
 
-            async def connect(i: int) -> None:
-                path = f"/v1/conversations/{cids[i % conversations]}/stream?compact=false"
-                for attempt in range(5):
-                    async with gate:
-                        reader = await Stalled.open(url, path)
-                    if reader is not None:
-                        stalled.append(reader)
-                        return
-                    await asyncio.sleep(0.2 * (attempt + 1))
-                raise RuntimeError(f"idle reader {i}: refused 5 times")
+        async def connect(i: int) -> None:
+            path = f"/v1/conversations/{cids[i % conversations]}/stream?compact=false"
+            for attempt in range(5):
+                async with gate:
+                    reader = await Stalled.open(url, path)
+                if reader is not None:
+                    stalled.append(reader)
+                    return
+                await asyncio.sleep(0.2 * (attempt + 1))
+            raise RuntimeError(f"idle reader {i}: refused 5 times")
 
-            async with asyncio.timeout(max(120.0, readers / 5)):
-                await asyncio.gather(*(connect(i) for i in range(readers)))
-            connected = await settled_rss(pids, quiet)
-            bench.progress(f"idle readers: appending {events:,} events while they stall")
-            cpu = sum(map(cpu_seconds, pids))
-            async with asyncio.timeout(300):
-                for b in range(events // batch):
-                    await http.post(f"/v1/conversations/{cids[b % conversations]}/events", {"events": [
-                        {"type": "text.delta", "data": {"turn_id": "t", "text": f"{b}-{i} ".ljust(size, "x")}}
-                        for i in range(batch)]})
-            cpu = sum(map(cpu_seconds, pids)) - cpu
-            after = await settled_rss(pids, quiet, deadline=60.0)
-            # the server still serves everything to a reader that reads
-            status, body = await http.request("GET", f"/v1/conversations/{cids[0]}/stream?compact=false&follow=false",
-                                              headers={"Accept": "text/event-stream"})
-            frames = body.count(b"\nid: ")
-            head = orjson.loads((await http.request("GET", f"/v1/conversations/{cids[0]}"))[1])["seq"]
-            if status != 200 or frames != head:
-                raise RuntimeError(f"read-back after the stall: HTTP {status}, {frames} frames of {head}")
-        finally:
-            for reader in stalled:
-                reader.close()
-            await http.close()
+        async with asyncio.timeout(max(120.0, readers / 5)):
+            await asyncio.gather(*(connect(i) for i in range(readers)))
+        connected = await settled_rss(pids, quiet)
+        bench.progress(f"idle readers: appending {events:,} events while they stall")
+        cpu = sum(map(cpu_seconds, pids))
+        async with asyncio.timeout(300):
+            for b in range(events // batch):
+                await http.post(f"/v1/conversations/{cids[b % conversations]}/events", {"events": [
+                    {"type": "text.delta", "data": {"turn_id": "t", "text": f"{b}-{i} ".ljust(size, "x")}}
+                    for i in range(batch)]})
+        cpu = sum(map(cpu_seconds, pids)) - cpu
+        after = await settled_rss(pids, quiet, deadline=60.0)
+        # the server still serves everything to a reader that reads
+        status, body = await http.request("GET", f"/v1/conversations/{cids[0]}/stream?compact=false&follow=false",
+                                          headers={"Accept": "text/event-stream"})
+        frames = body.count(b"\nid: ")
+        head = orjson.loads((await http.request("GET", f"/v1/conversations/{cids[0]}"))[1])["seq"]
+        if status != 200 or frames != head:
+            raise RuntimeError(f"read-back after the stall: HTTP {status}, {frames} frames of {head}")
+    finally:
+        for reader in stalled:
+            reader.close()
+        await http.close()
     per_reader_events = events // conversations
     backlog_kb = len(body) / frames * per_reader_events / KB
     growth_kb = (after - connected) / readers / KB

@@ -5,16 +5,17 @@ Every pair is measured side by side, sample by sample (rounds for the
 rebuild), on one database and one `chatlog serve`:
 
 - messages: GET /messages at a random seq of a 100,000-event conversation vs
-  a 10,000-event one (bench.messages' turns; 10,000 vs 1,000 with --quick);
+  a 10,000-event one (bench.messages' turns; 5,000 vs 500 with --quick);
 - resume: Last-Event-ID at a random point of a turn still streaming, on the
   conversation's stream (format=events and ui), for a 10,000-event turn vs
   (a) a 100,000-event turn and (b) a 10,000-event turn at the end of a
   100,000-event conversation (history before the turn must cost nothing);
 - rebuild: the history fold + render over 1,000,000 events in 100,000-event
-  conversations vs in 10,000-event ones (events/s; 20,000 with --quick);
+  conversations vs in 10,000-event ones (events/s; 20,000 events in 5,000- vs
+  500-event conversations with --quick);
 - appends: a one-event append (store level, group commit as the app opens it)
   to a conversation of 10,000 finished turns with one answered tool call each
-  (50,001 events; 1,000 turns with --quick) vs to a new conversation, and the
+  (50,001 events; 500 turns with --quick) vs to a new conversation, and the
   size of the aggregate state each keeps (was bench/state_growth.py).
 
 Histories are written at the store level in 1,000-event appends, and one read
@@ -57,7 +58,7 @@ def row(bench: Bench, name: str, value: float, unit: str, base: float, base_name
 
 async def run(bench: Bench) -> None:
     if bench.quick:
-        size, samples, turns, appends, total = 1_000, 30, 1_000, 100, 20_000
+        size, samples, turns, appends, total = 500, 15, 500, 60, 20_000
     else:
         size, samples, turns, appends, total = 10_000, 150, 10_000, 300, 1_000_000
     big = 10 * size

@@ -35,7 +35,7 @@ GOAL_MS = 20.0
 
 async def run(bench: Bench) -> None:
     if bench.quick:
-        readers, conversations, rate, seconds, rounds = 30, 3, 30.0, 2.0, 2
+        readers, conversations, rate, seconds, rounds = 30, 3, 30.0, 1.5, 2
     else:
         readers, conversations, rate, seconds, rounds = 500, 5, 50.0, 8.0, 4
     database = await bench.database()

@@ -73,7 +73,7 @@ async def resume_once(url: str, path: str, format: str, seq: int) -> float:
 
 
 async def run(bench: Bench) -> None:
-    turn, samples = (1_000, 30) if bench.quick else (10_000, 150)
+    turn, samples = (1_000, 15) if bench.quick else (10_000, 150)
     database = await bench.database()
     store = await Store.open(database, pool_size=2, writers=1)
     try:
