@@ -1,6 +1,6 @@
 """Readers that never read while live events pile up (issue 7), seen from inside the process.
 
-bench/idle_readers.py measures what such readers cost a real server (RSS);
+`chatlog bench` (bench/fanout.py) measures what such readers cost a real server (RSS, CPU);
 this asserts the behaviour behind the figures, with no memory or timing
 threshold: the readers of a conversation share one tail whose buffer stays
 within its bound, the writer is not held up by them, and once they hang up
