@@ -53,7 +53,8 @@ def serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     uvicorn.run("api.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers or settings.workers,
-                log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+                log_level=settings.log_level, access_log=settings.access_log,
+                timeout_graceful_shutdown=settings.shutdown_grace_seconds)
 
 
 def migrate(_: argparse.Namespace) -> None:

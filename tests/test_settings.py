@@ -1,4 +1,4 @@
-"""A malformed setting stops the server at start-up with a message naming it."""
+"""Settings: a malformed one stops the server at start-up with a message naming it; the access log can be off."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from api.settings import Settings
 from tests.servers import CHATLOG
+
+pytest_plugins = ("tests.servers",)
 
 
 @pytest.mark.parametrize("overrides, where", [
@@ -38,3 +40,13 @@ def test_chatlog_serve_with_a_malformed_setting_exits_with_a_clear_message(tmp_p
     assert done.returncode == 2
     assert "CHATLOG_API_KEYS" in done.stderr and "key=principal" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_the_access_log_can_be_turned_off(start_server):
+    on = await start_server("access-log-on")
+    off = await start_server("access-log-off", CHATLOG_ACCESS_LOG="off")
+    for server in (on, off):
+        async with server.client() as client:
+            assert (await client.post("/v1/conversations", json={})).status_code == 201
+    assert '"POST /v1/conversations HTTP/1.1" 201' in on.log_text()
+    assert "POST /v1/conversations" not in off.log_text()
