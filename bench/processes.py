@@ -22,7 +22,7 @@ async def run(bench: Bench) -> None:
     for r in range(rounds):
         for workers in (WORKERS if r % 2 == 0 else WORKERS[::-1]):
             bench.progress(f"round {r + 1}/{rounds}: {workers} worker(s)")
-            async with HttpTarget(bench, workers, 100 if bench.quick else 1000) as http:
+            async with HttpTarget(bench, workers, 50 if bench.quick else 1000) as http:
                 for batch in batches:
                     variant = HttpIngest(http, batch, connections)
                     rate = await http.load(variant, seconds)

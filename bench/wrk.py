@@ -69,8 +69,8 @@ async def open_turns(database_url: str, count: int) -> Path:
             await store.create_conversation(PRINCIPAL, cid, {"metadata": {"bench": True}})
             await store.append(PRINCIPAL, cid, [NewEvent("turn.started", {"turn_id": TURN, "model": "bench"})])
 
-        for k in range(0, count, 50):
-            await asyncio.gather(*(one(c) for c in ids[k:k + 50]))
+        for k in range(0, count, 200):  # group commit writes many at once
+            await asyncio.gather(*(one(c) for c in ids[k:k + 200]))
     finally:
         await store.close()
     f = tempfile.NamedTemporaryFile("w", prefix="chatlog-bench-ids-", suffix=".txt", delete=False)
