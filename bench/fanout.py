@@ -59,18 +59,20 @@ async def fanout(bench: Bench, url: str) -> None:
         latencies: dict[str, list[float]] = {"followed": [], "alone": []}
         async with Readers(url, paths) as reading:
             for r in range(rounds):
+                this_round: dict[str, list[float]] = {}
                 for variant in (("followed", "alone") if r % 2 == 0 else ("alone", "followed")):
                     convs = followed if variant == "followed" else alone
                     done = await asyncio.gather(*(
                         write_deltas(http, cid, rate, seconds, offset=k / (rate * conversations))
                         for k, (http, (cid, _)) in enumerate(zip(https, convs))))
-                    latencies[variant] += [d[3] for appends in done for d in appends]
+                    this_round[variant] = [d[3] for appends in done for d in appends]
+                    latencies[variant] += this_round[variant]
                     if variant == "followed":
                         last = {i: done[i % conversations][-1][0] for i in range(readers)}
                         await reading.until(last)
                 bench.progress(f"fan-out: round {r + 1}/{rounds}: append p50 "
-                               f"{statistics.median(latencies['followed']) * 1000:.2f} ms followed, "
-                               f"{statistics.median(latencies['alone']) * 1000:.2f} ms alone")
+                               f"{statistics.median(this_round['followed']) * 1000:.2f} ms followed, "
+                               f"{statistics.median(this_round['alone']) * 1000:.2f} ms alone")
             got = await reading.take()
         heads = {cid: (await https[0].request("GET", f"/v1/conversations/{cid}"))[1] for cid, _ in followed}
     finally:

@@ -287,10 +287,10 @@ async def _serve(url: str, paths: list[str], headers: dict[str, str], conn) -> N
         conn.send(("error", [repr(e)]))
         stopping = True
 
-    commands: asyncio.Queue = asyncio.Queue()
-    loop.add_reader(conn.fileno(), lambda: commands.put_nowait(conn.recv()))
     while not stopping:
-        command, arg = await commands.get()
+        # a thread waits for the next command: the pipe stays blocking (an event
+        # loop's reader would make it non-blocking, and a large `take` answer fail)
+        command, arg = await loop.run_in_executor(None, conn.recv)
         if command == "until":
             targets, timeout = arg
             deadline = time.monotonic() + timeout
@@ -315,7 +315,6 @@ async def _serve(url: str, paths: list[str], headers: dict[str, str], conn) -> N
                 s.seqs, s.arrivals = array("i"), array("d")
         elif command == "stop":
             stopping = True
-    loop.remove_reader(conn.fileno())
     for s in streams:
         if s is not None and s.transport is not None:
             s.transport.abort()
