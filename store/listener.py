@@ -29,7 +29,8 @@ A buffered batch is handed to every reader as the same `LiveBatch` (a list
 with a `memo` dict), so readers at the same point can share what they make of
 it: api/sse.py encodes a batch's frames once per format there, and N readers
 cost N socket writes, not N encodings. A reader is woken by the tail's one
-asyncio.Event (no per-reader query); its only timer is its heartbeat.
+asyncio.Event (no per-reader query), and heartbeats come from one timer per
+tail: a waiting reader sets no timer of its own.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class Tail:
         self._fetching: asyncio.Task | None = None
         self._changed = asyncio.Event()
         self.failing_since: float | None = None  # monotonic time of the first failed fetch in a row
+        self.beats = 0  # heartbeats so far: a reader with nothing to send at a new one sends a ping
+        self._heartbeat = float("inf")
+        self._beating: asyncio.Task | None = None
 
     def announce(self, first: int, last: int) -> None:
         """A commit wrote seqs first..last: fetch them once for every reader."""
@@ -99,11 +103,23 @@ class Tail:
             self._fetched = first - 1
         self._want(last)
 
-    def join(self, cursor: int) -> None:
-        """A reader at `cursor` arrived: the tail looks after what follows it."""
+    def join(self, cursor: int, heartbeat: float) -> None:
+        """A reader at `cursor` arrived: the tail looks after what follows it,
+        and beats at least every `heartbeat` seconds."""
         self.readers += 1
         if self._fetched is None:
             self._fetched = cursor
+        if heartbeat < self._heartbeat:
+            self._heartbeat = heartbeat
+            if self._beating is not None:
+                self._beating.cancel()
+            self._beating = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            self.beats += 1
+            self._wake()
 
     def behind(self, head: int) -> None:
         """The conversation is at seq `head` (the sweep read it): fetch what this tail lacks."""
@@ -176,20 +192,14 @@ class Tail:
         part.memo = batch.memo
         return part
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait for new events; False on timeout."""
-        # asyncio.timeout waits in the reader's own task (wait_for would start
-        # one more task per waiting reader)
-        try:
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
-            return True
-        except TimeoutError:
-            return False
+    async def wait(self) -> None:
+        """Wait for new events, a failure or a heartbeat."""
+        await self._changed.wait()
 
     def close(self) -> None:
-        if self._fetching is not None:
-            self._fetching.cancel()
+        for task in (self._fetching, self._beating):
+            if task is not None:
+                task.cancel()
 
 
 class Listener:
@@ -322,7 +332,8 @@ class Listener:
 
     async def follow(self, key: Key, after: int, heartbeat: float) -> AsyncIterator[list[dict]]:
         """Committed events after `after`, in order, until the server shuts
-        down; an empty list means `heartbeat` seconds passed with nothing new.
+        down; an empty list is a heartbeat (one at least every `heartbeat`
+        seconds while nothing new comes; the tail's one timer beats them).
         Raises Unavailable when the store has been failing for STALL_SECONDS.
 
         Subscribes BEFORE reading the store, so nothing committed between the
@@ -333,9 +344,9 @@ class Listener:
         tail = self.tails.get(key)
         if tail is None:
             tail = self.tails[key] = Tail(key, self._read, self._buffer_size)
-        tail.join(after)
+        tail.join(after, heartbeat)
         try:
-            cursor, sent = after, False
+            cursor, sent, beats = after, False, tail.beats
             while not self.closing:
                 events = tail.after(cursor)
                 if events is None:
@@ -352,10 +363,13 @@ class Listener:
                 sent = False
                 if self._stalled(tail):
                     raise Unavailable("the event store cannot be read right now; resume with Last-Event-ID")
+                if tail.beats != beats:
+                    beats = tail.beats
+                    yield []
+                    continue
                 # failures wake the tail too (every second while they last),
                 # so a stalled reader finds out without polling
-                if not await tail.wait(heartbeat):
-                    yield []
+                await tail.wait()
         finally:
             tail.readers -= 1
             if tail.readers == 0 and self.tails.get(key) is tail:
