@@ -376,18 +376,21 @@ class Listener:
                 tail.close()
                 del self.tails[key]
 
-    async def stream(self, key: Key, after: int, upto: int, follow: bool,
-                     heartbeat: float) -> AsyncIterator[tuple[bool, list[dict]]]:
-        """(live, events) batches after `after`: the stored ones up to `upto`,
-        then with `follow` the live ones until shutdown (an empty live batch
-        is a heartbeat). Ends quietly when the store cannot be read
-        (Unavailable): the response has begun, so the client is told by the
-        end of the stream and resumes with Last-Event-ID, here later or on
-        another process."""
-        cursor = after
+    async def stream(self, key: Key, after: int, upto: int, follow: bool, heartbeat: float,
+                     first_read: int = READ_LIMIT) -> AsyncIterator[tuple[bool, list[dict]]]:
+        """(live, events) batches after `after`: the stored ones up to `upto`
+        (READ_LIMIT at a time, the first `first_read`: a caller whose frames
+        do not depend on where batches split asks for a small one, so its
+        first frame does not wait for a thousand rows), then with `follow`
+        the live ones until shutdown (an empty live batch is a heartbeat).
+        Ends quietly when the store cannot be read (Unavailable): the
+        response has begun, so the client is told by the end of the stream
+        and resumes with Last-Event-ID, here later or on another process."""
+        cursor, limit = after, first_read
         try:
             while cursor < upto:
-                events = await self._read(key, cursor, min(READ_LIMIT, upto - cursor))
+                events = await self._read(key, cursor, min(limit, upto - cursor))
+                limit = READ_LIMIT
                 if not events:
                     break
                 cursor = events[-1]["seq"]

@@ -22,6 +22,15 @@ router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 UI_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 RESUME = {"pattern": sse.RESUME_PATTERN, "description": "a seq (12) or a UI frame id (12:3) to resume after"}
+# The first catch-up read when frames do not depend on where batches split
+# (compact=false): the first frame goes out after a few rows, not a thousand.
+# A compacted catch-up keeps its 1,000-event batches: a run merged across
+# them would be another frame than before.
+FIRST_READ = 32
+
+
+def _first_read(compact: bool) -> int:
+    return 1000 if compact else FIRST_READ
 
 
 def _response(body: AsyncIterator[bytes], extra: dict | None = None) -> StreamingResponse:
@@ -36,13 +45,15 @@ async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdD
     resume = sse.resume_point(last_event_id, after)
     current = (await store.get_conversation(principal, conversation_id))["seq"]
     if format == "events":
-        batches = store.stream(principal, conversation_id, resume[0], current, follow, settings.heartbeat_seconds)
+        batches = store.stream(principal, conversation_id, resume[0], current, follow, settings.heartbeat_seconds,
+                               _first_read(compact))
         return _response(sse.body(batches, sse.event_frames(compact)))
     start = ui.read_after(resume)
     # the translator's state after events 1..start: a late tool result needs its
     # call from an older turn, so it is the whole history's (snapshot + tail)
     state = await store.ui_states.copy_at(principal, conversation_id, start)
-    batches = store.stream(principal, conversation_id, start, current, follow, settings.heartbeat_seconds)
+    batches = store.stream(principal, conversation_id, start, current, follow, settings.heartbeat_seconds,
+                           _first_read(compact))
     return _response(sse.body(batches, ui.UiStream(resume, compact, state)), UI_HEADERS)
 
 
@@ -61,7 +72,7 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     follow = end is None
     if format == "events":
         batches = store.stream(principal, conversation_id, max(resume[0], start - 1), upto, follow,
-                               settings.heartbeat_seconds)
+                               settings.heartbeat_seconds, _first_read(compact))
         return _response(sse.body(batches, sse.event_frames(compact), until_turn=turn_id))
     # ui: a turn's frames are the conversation's frames of its events
     # (projections/ui.py), so they come from a fresh translator fed from
@@ -71,5 +82,6 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     resume = resume if resume[0] >= start else (start - 1, None)
     after = ui.read_after(resume)
     state = await store.ui_states.copy_at(principal, conversation_id, after) if after >= start else None
-    batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds)
+    batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds,
+                           _first_read(compact))
     return _response(sse.body(batches, ui.UiStream(resume, compact, state), until_turn=turn_id), UI_HEADERS)
