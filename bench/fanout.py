@@ -58,6 +58,7 @@ async def fanout(bench: Bench, url: str) -> None:
         bench.progress(f"fan-out: connecting {readers} readers to {conversations} conversations")
         latencies: dict[str, list[float]] = {"followed": [], "alone": []}
         async with Readers(url, paths) as reading:
+            started, reader_cpu = time.monotonic(), reading.cpu_seconds()
             for r in range(rounds):
                 this_round: dict[str, list[float]] = {}
                 for variant in (("followed", "alone") if r % 2 == 0 else ("alone", "followed")):
@@ -73,6 +74,7 @@ async def fanout(bench: Bench, url: str) -> None:
                 bench.progress(f"fan-out: round {r + 1}/{rounds}: append p50 "
                                f"{statistics.median(this_round['followed']) * 1000:.2f} ms followed, "
                                f"{statistics.median(this_round['alone']) * 1000:.2f} ms alone")
+            reader_cores = (reading.cpu_seconds() - reader_cpu) / (time.monotonic() - started)
             got = await reading.take()
         heads = {cid: (await https[0].request("GET", f"/v1/conversations/{cid}"))[1] for cid, _ in followed}
     finally:
@@ -87,7 +89,8 @@ async def fanout(bench: Bench, url: str) -> None:
     with_readers, alone_p50 = (statistics.median(latencies[v]) * 1000 for v in ("followed", "alone"))
     ratio = with_readers / alone_p50
     note = (f"{conversations} conversations × {readers // conversations} readers, {rate:g} appends/s each, "
-            f"{rounds} interleaved rounds of {seconds:g} s; {frames:,} frames, every reader every event once; "
+            f"{rounds} interleaved rounds of {seconds:g} s; {frames:,} frames, every reader every event once "
+            f"(the readers' process used {reader_cores:.2f} of a core); "
             f"p99 {pct(latencies['followed'], 0.99) * 1000:.1f} vs {pct(latencies['alone'], 0.99) * 1000:.1f} ms")
     bench.row(f"append p50, {readers} readers following", with_readers, "ms", ratio=ratio,
               ratio_of="append p50 with none", goal="≤ 1.5×", met=ratio <= 1.5, note=note)
@@ -139,6 +142,16 @@ async def settled_rss(pids: list[int], quiet: float, deadline: float = 30.0, tol
         await asyncio.sleep(0.2)
 
 
+async def quiet_cpu(pids: list[int], window: float = 0.5, busy: float = 0.05, deadline: float = 30.0) -> None:
+    """Until the processes used under `busy` of a core over `window` s (or `deadline` s have passed)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        before = sum(map(cpu_seconds, pids))
+        await asyncio.sleep(window)
+        if sum(map(cpu_seconds, pids)) - before < busy * window:
+            return
+
+
 async def idle_readers(bench: Bench, url: str) -> None:
     if bench.quick:
         readers, conversations, events, quiet = 50, 5, 1_000, 0.6
@@ -188,6 +201,13 @@ async def idle_readers(bench: Bench, url: str) -> None:
         head = orjson.loads((await http.request("GET", f"/v1/conversations/{cids[0]}"))[1])["seq"]
         if status != 200 or frames != head:
             raise RuntimeError(f"read-back after the stall: HTTP {status}, {frames} frames of {head}")
+        # they all hang up; the server's work until it is quiet again (the fan-out runs next)
+        hang_up = sum(map(cpu_seconds, pids))
+        for reader in stalled:
+            reader.close()
+        stalled.clear()
+        await quiet_cpu(pids)
+        hang_up = sum(map(cpu_seconds, pids)) - hang_up
     finally:
         for reader in stalled:
             reader.close()
@@ -202,4 +222,5 @@ async def idle_readers(bench: Bench, url: str) -> None:
               note=f"{events:,} × {size} B text.delta appended while {readers} readers (4 KB receive buffer) "
                    "never read; bounded: must not grow with the backlog")
     bench.row("stalled readers: server CPU per reader per event", cpu / (readers * per_reader_events) * 1e6, "µs",
-              note=f"server CPU during the appends {cpu:.1f} s")
+              note=f"server CPU during the appends {cpu:.1f} s; {hang_up / readers * 1e6:.0f} µs per reader to drop "
+                   "them all once they hung up")

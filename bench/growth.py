@@ -13,7 +13,7 @@ rebuild), on one database and one `chatlog serve`:
 - rebuild: the history fold + render over 1,000,000 events in 100,000-event
   conversations vs in 10,000-event ones (events/s; 20,000 events in 5,000- vs
   500-event conversations with --quick);
-- appends: a one-event append (store level, group commit as the app opens it)
+- appends: a one-event append (store level, one at a time)
   to a conversation of 10,000 finished turns with one answered tool call each
   (50,001 events; 500 turns with --quick) vs to a new conversation, and the
   size of the aggregate state each keeps (was bench/state_growth.py).
@@ -31,7 +31,8 @@ import uuid
 
 from bench import projections as rebuild
 from bench.core import Bench
-from bench.messages import PRINCIPAL, conversation_events, open_turn, read_messages, write_history, write_snapshots
+from bench.messages import (PRINCIPAL, conversation_events, open_store, open_turn, read_messages, write_history,
+                            write_snapshots)
 from bench.resume import TURN, resume_once
 from bench.sse import Http, pct
 from store import NewEvent, Store
@@ -60,10 +61,10 @@ async def run(bench: Bench) -> None:
     if bench.quick:
         size, samples, turns, appends, total = 500, 15, 500, 60, 20_000
     else:
-        size, samples, turns, appends, total = 10_000, 150, 10_000, 300, 1_000_000
+        size, samples, turns, appends, total = 10_000, 100, 10_000, 300, 1_000_000
     big = 10 * size
     database = await bench.database()
-    store = await Store.open(database, pool_size=4, writers=1)
+    store = await open_store(database)
     try:
         bench.progress(f"writing histories of {size:,} and {big:,} events")
         convs = {"1×": await write_history(store, conversation_events(size - 1)),

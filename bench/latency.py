@@ -24,6 +24,7 @@ the variants and ran them one after the other.)
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 
@@ -50,6 +51,7 @@ async def run(bench: Bench) -> None:
             latency = {v: {"commit": [], "append": []} for v in "AB"}
             bench.progress(f"latency: connecting {readers} readers to {conversations} conversations on A")
             async with Readers(a, paths) as reading:
+                started, reader_cpu = time.monotonic(), reading.cpu_seconds()
                 for r in range(rounds):
                     for via in ("A", "B") if r % 2 == 0 else ("B", "A"):
                         done = await asyncio.gather(*(
@@ -67,6 +69,7 @@ async def run(bench: Bench) -> None:
                     bench.progress(f"latency: round {r + 1}/{rounds}: commit → client p99 "
                                    f"{pct(latency['A']['commit'], 0.99) * 1000:.1f} ms via A, "
                                    f"{pct(latency['B']['commit'], 0.99) * 1000:.1f} ms via B")
+                reader_cores = (reading.cpu_seconds() - reader_cpu) / (time.monotonic() - started)
             heads = [orjson.loads((await writers["A"][0].request("GET", f"/v1/conversations/{cid}"))[1])["seq"]
                      for cid, _ in convs]
         finally:
@@ -78,7 +81,7 @@ async def run(bench: Bench) -> None:
     frames = sum(len(seqs) for seqs in got)
     setup = (f"{readers} readers on {conversations} conversations on one worker, {rate:g} appends/s, "
              f"{rounds} interleaved rounds of {seconds:g} s per variant; {frames:,} frames, every reader every "
-             f"event once")
+             f"event once; the readers' process used {reader_cores:.2f} of a core")
     for via, where in (("A", "the readers' process"), ("B", "another process")):
         commit, append = (sorted(latency[via][k]) for k in ("commit", "append"))
         p50, p99 = pct(commit, 0.5) * 1000, pct(commit, 0.99) * 1000

@@ -57,6 +57,12 @@ def open_turn(deltas: int, turn_id: str = "live") -> list[NewEvent]:
             *(NewEvent("text.delta", {"turn_id": turn_id, "text": f" w{i}"}) for i in range(deltas))]
 
 
+async def open_store(database: str) -> Store:
+    """A store for writing histories and snapshots: generous waits (a 1,000-event append or a
+    snapshot save may take seconds on a loaded machine; the app's defaults would refuse them)."""
+    return await Store.open(database, pool_size=2, writers=1, acquire_timeout=30, statement_timeout=120)
+
+
 async def write_history(store: Store, events: list[NewEvent], batch: int = 1000) -> tuple[uuid.UUID, int]:
     """A new conversation holding `events` (appended `batch` at a time); (its id, its last seq)."""
     cid = uuid.UUID((await store.create_conversation(PRINCIPAL))["id"])
@@ -94,9 +100,9 @@ async def full_replay(store: Store, cid: uuid.UUID, seq: int) -> float:
 
 
 async def run(bench: Bench) -> None:
-    total, samples = (2_000, 60) if bench.quick else (10_000, 300)
+    total, samples = (2_000, 60) if bench.quick else (10_000, 200)
     database = await bench.database()
-    store = await Store.open(database, pool_size=2, writers=1)
+    store = await open_store(database)
     try:
         cid, last = await write_history(store, conversation_events(total - 1))
         await write_snapshots(store, cid, last)

@@ -20,9 +20,8 @@ import time
 import uuid
 
 from bench.core import Bench
-from bench.messages import open_turn, write_history, write_snapshots
+from bench.messages import open_store, open_turn, write_history, write_snapshots
 from bench.sse import Dechunker, pct
-from store import Store
 
 GOAL_MS = 5.0
 TURN = "live"
@@ -73,9 +72,9 @@ async def resume_once(url: str, path: str, format: str, seq: int) -> float:
 
 
 async def run(bench: Bench) -> None:
-    turn, samples = (1_000, 15) if bench.quick else (10_000, 150)
+    turn, samples = (1_000, 15) if bench.quick else (10_000, 100)
     database = await bench.database()
-    store = await Store.open(database, pool_size=2, writers=1)
+    store = await open_store(database)
     try:
         cid, last = await write_history(store, open_turn(turn - 1, TURN))
         await write_snapshots(store, cid, last)

@@ -360,6 +360,12 @@ class Readers:
             raise
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU time the readers' process has used so far."""
+        from bench.core import cpu_seconds
+
+        return cpu_seconds(self.proc.pid)
+
     async def until(self, targets: dict[int, int], timeout: float = 30) -> None:
         """Wait until reader i has seen seq >= targets[i] (raises past `timeout`)."""
         self.conn.send(("until", (targets, timeout)))
