@@ -377,20 +377,22 @@ class Listener:
                 del self.tails[key]
 
     async def stream(self, key: Key, after: int, upto: int, follow: bool, heartbeat: float,
-                     first_read: int = READ_LIMIT) -> AsyncIterator[tuple[bool, list[dict]]]:
+                     first: list[dict] | None = None) -> AsyncIterator[tuple[bool, list[dict]]]:
         """(live, events) batches after `after`: the stored ones up to `upto`
-        (READ_LIMIT at a time, the first `first_read`: a caller whose frames
-        do not depend on where batches split asks for a small one, so its
-        first frame does not wait for a thousand rows), then with `follow`
-        the live ones until shutdown (an empty live batch is a heartbeat).
-        Ends quietly when the store cannot be read (Unavailable): the
-        response has begun, so the client is told by the end of the stream
-        and resumes with Last-Event-ID, here later or on another process."""
-        cursor, limit = after, first_read
+        (READ_LIMIT at a time; `first`: the first batch, already read by the
+        caller with the conversation's head, see Store.stream_start), then
+        with `follow` the live ones until shutdown (an empty live batch is a
+        heartbeat). Ends quietly when the store cannot be read (Unavailable):
+        the response has begun, so the client is told by the end of the
+        stream and resumes with Last-Event-ID, here later or on another
+        process."""
+        cursor = after
         try:
+            if first:
+                cursor = first[-1]["seq"]
+                yield False, first
             while cursor < upto:
-                events = await self._read(key, cursor, min(limit, upto - cursor))
-                limit = READ_LIMIT
+                events = await self._read(key, cursor, min(READ_LIMIT, upto - cursor))
                 if not events:
                     break
                 cursor = events[-1]["seq"]

@@ -275,6 +275,26 @@ class Store:
             principal, conversation_id, after, limit)
         return [dict(r) for r in rows]
 
+    async def stream_start(self, principal: str, conversation_id: uuid.UUID, after: int,
+                           limit: int) -> tuple[int, list[dict]]:
+        """(the conversation's current seq, its first `limit` events after
+        `after`) in one round trip: where a stream's catch-up ends, and its
+        first batch. NotFound for an unknown conversation."""
+        rows = await self.pool.fetch(
+            f"""SELECT c.seq AS current_seq, e.* FROM conversations c
+                LEFT JOIN LATERAL (
+                    SELECT {_STREAM_COLUMNS} FROM events
+                     WHERE principal = c.principal AND conversation_id = c.id AND seq > $3
+                     ORDER BY seq LIMIT $4) e ON true
+                WHERE c.id = $1 AND c.principal = $2""",
+            conversation_id, principal, after, limit)
+        if not rows:
+            raise NotFound(f"conversation {conversation_id} was not found")
+        events = [dict(r) for r in rows if r["seq"] is not None]
+        for event in events:
+            del event["current_seq"]
+        return rows[0]["current_seq"], events
+
     async def tail_events(self, key: tuple[str, uuid.UUID], after: int, limit: int) -> list[dict]:
         return await self.events_after(*key, after, limit)
 
@@ -283,9 +303,9 @@ class Store:
         return self.listener.follow((principal, conversation_id), after, heartbeat)
 
     def stream(self, principal: str, conversation_id: uuid.UUID, after: int, upto: int, follow: bool,
-               heartbeat: float, first_read: int = 1000):
+               heartbeat: float, first: list[dict] | None = None):
         """(live, events) batches: stored up to `upto`, then live (see store/listener.py Listener.stream)."""
-        return self.listener.stream((principal, conversation_id), after, upto, follow, heartbeat, first_read)
+        return self.listener.stream((principal, conversation_id), after, upto, follow, heartbeat, first)
 
     async def turn_span(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> tuple[int, int | None]:
         """(seq of the turn's turn.started, seq of its closing event or None while open)."""

@@ -6,6 +6,8 @@ Validate, call, frame: the store hands over from stored to live events
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Header, Query
@@ -16,6 +18,7 @@ from api.deps import ConversationIdDep, SettingsDep, StoreDep, StreamPrincipalDe
 from api.errors import ApiError
 from api.openapi import operation
 from projections import ui
+from store import Store
 
 router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 
@@ -29,8 +32,22 @@ RESUME = {"pattern": sse.RESUME_PATTERN, "description": "a seq (12) or a UI fram
 FIRST_READ = 32
 
 
-def _first_read(compact: bool) -> int:
-    return 1000 if compact else FIRST_READ
+async def _start(store: Store, principal: str, conversation_id: uuid.UUID, after: int, compact: bool,
+                 end: int | None = None, ui_state_at: int | None = None) -> tuple[int, list[dict], dict | None]:
+    """(where the catch-up ends: `end` or the conversation's current seq, its
+    first batch, the UI translator's state at `ui_state_at`), the queries
+    side by side: a resumed stream's first frame waits for one round trip."""
+    limit = 1000 if compact else FIRST_READ
+    if end is not None:
+        limit = max(0, min(limit, end - after))
+    head = store.stream_start(principal, conversation_id, after, limit)
+    state = store.ui_states.copy_at(principal, conversation_id, ui_state_at) if ui_state_at is not None else None
+    results = await asyncio.gather(head, *([state] if state else []), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    (current, first), state = results[0], results[1] if state else None
+    return (current if end is None else end), first, state
 
 
 def _response(body: AsyncIterator[bytes], extra: dict | None = None) -> StreamingResponse:
@@ -43,17 +60,16 @@ async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdD
                  format: Literal["events", "ui"] = "events", compact: bool = True, follow: bool = True,
                  last_event_id: str | None = Header(None, json_schema_extra=RESUME)):
     resume = sse.resume_point(last_event_id, after)
-    current = (await store.get_conversation(principal, conversation_id))["seq"]
     if format == "events":
+        current, first, _ = await _start(store, principal, conversation_id, resume[0], compact)
         batches = store.stream(principal, conversation_id, resume[0], current, follow, settings.heartbeat_seconds,
-                               _first_read(compact))
+                               first)
         return _response(sse.body(batches, sse.event_frames(compact)))
     start = ui.read_after(resume)
     # the translator's state after events 1..start: a late tool result needs its
     # call from an older turn, so it is the whole history's (snapshot + tail)
-    state = await store.ui_states.copy_at(principal, conversation_id, start)
-    batches = store.stream(principal, conversation_id, start, current, follow, settings.heartbeat_seconds,
-                           _first_read(compact))
+    current, first, state = await _start(store, principal, conversation_id, start, compact, ui_state_at=start)
+    batches = store.stream(principal, conversation_id, start, current, follow, settings.heartbeat_seconds, first)
     return _response(sse.body(batches, ui.UiStream(resume, compact, state)), UI_HEADERS)
 
 
@@ -68,11 +84,11 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     start, end = await store.turn_span(principal, conversation_id, turn_id)
     # an ended turn is replayed up to its end and the response ends; an open
     # one is followed until it closes
-    upto = end if end is not None else (await store.get_conversation(principal, conversation_id))["seq"]
     follow = end is None
     if format == "events":
-        batches = store.stream(principal, conversation_id, max(resume[0], start - 1), upto, follow,
-                               settings.heartbeat_seconds, _first_read(compact))
+        after = max(resume[0], start - 1)
+        upto, first, _ = await _start(store, principal, conversation_id, after, compact, end)
+        batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds, first)
         return _response(sse.body(batches, sse.event_frames(compact), until_turn=turn_id))
     # ui: a turn's frames are the conversation's frames of its events
     # (projections/ui.py), so they come from a fresh translator fed from
@@ -81,7 +97,7 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     # a long turn does not translate the turn from its start)
     resume = resume if resume[0] >= start else (start - 1, None)
     after = ui.read_after(resume)
-    state = await store.ui_states.copy_at(principal, conversation_id, after) if after >= start else None
-    batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds,
-                           _first_read(compact))
+    upto, first, state = await _start(store, principal, conversation_id, after, compact, end,
+                                      ui_state_at=after if after >= start else None)
+    batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds, first)
     return _response(sse.body(batches, ui.UiStream(resume, compact, state), until_turn=turn_id), UI_HEADERS)
