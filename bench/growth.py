@@ -75,31 +75,40 @@ async def run(bench: Bench) -> None:
                 # whole turns before it (a cut one would still be open)
                 "10× history": await write_history(store, conversation_events(big - size - 100)
                                                    + open_turn(size - 1, TURN))}
+        bench.progress("writing their snapshots")
         for cid, last in [*convs.values(), *live.values()]:
             await write_snapshots(store, cid, last)
+        bench.progress(f"appends after {turns:,} finished tool-calling turns")
         await appends_after_a_long_loop(bench, store, turns, appends)
         async with bench.server(database) as url:
+            bench.progress("GET /messages")
             await messages(bench, url, convs, samples)
+            bench.progress("resume")
             await resumes(bench, url, live, size, samples)
     finally:
         await store.close()
+    bench.progress("rebuild")
     rebuild_scaling(bench, size, total)
 
 
 async def messages(bench: Bench, url: str, convs: dict[str, tuple[uuid.UUID, int]], samples: int) -> None:
     http = await Http.connect(url)
     times: dict[str, list[float]] = {k: [] for k in convs}
+    sizes: dict[str, list[int]] = {k: [] for k in convs}
     try:
         rng = random.Random(5)
         for _ in range(samples):
             for k, (cid, last) in convs.items():
-                times[k].append(await read_messages(http, cid, rng.randint(1, last)))
+                took, size = await read_messages(http, cid, rng.randint(1, last), sized=True)
+                times[k].append(took)
+                sizes[k].append(size)
     finally:
         await http.close()
     p50 = {k: pct(v, 0.5) for k, v in times.items()}
     small, big = (convs[k][1] for k in ("1×", "10×"))
     row(bench, f"GET /messages at a random seq, {big:,}-event conversation, p50", p50["10×"], "ms", p50["1×"],
-        f"the same at {small:,} events", f"{samples} random seqs each, interleaved; {p50['1×']:.1f} ms at 1×")
+        f"the same at {small:,} events", f"{samples} random seqs each, interleaved; {p50['1×']:.1f} ms at 1×; the answer grows with the "
+        f"history: median {statistics.median(sizes['10×']) / 1024:.0f} KB vs {statistics.median(sizes['1×']) / 1024:.0f} KB")
 
 
 async def resumes(bench: Bench, url: str, live: dict[str, tuple[uuid.UUID, int]], size: int, samples: int) -> None:

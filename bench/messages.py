@@ -81,14 +81,14 @@ async def write_snapshots(store: Store, cid: uuid.UUID, last: int) -> None:
     await store.ui_states.flush()
 
 
-async def read_messages(http: Http, cid: uuid.UUID, seq: int) -> float:
-    """GET /messages at `seq` (checked); the time it took in ms."""
+async def read_messages(http: Http, cid: uuid.UUID, seq: int, sized: bool = False):
+    """GET /messages at `seq` (checked); the time it took in ms (and with `sized`, the answer's bytes)."""
     start = time.perf_counter()
     status, body = await http.request("GET", f"/v1/conversations/{cid}/messages?at_seq={seq}")
     took = (time.perf_counter() - start) * 1000
     if status != 200 or orjson.loads(body)["seq"] != seq:
         raise RuntimeError(f"GET /messages?at_seq={seq}: HTTP {status} {body[:200]!r}")
-    return took
+    return (took, len(body)) if sized else took
 
 
 async def full_replay(store: Store, cid: uuid.UUID, seq: int) -> float:
