@@ -192,7 +192,9 @@ class UiStream:
     def __init__(self, resume: tuple[int, int | None], compact: bool, state: dict | None = None) -> None:
         self.resume, self.compact = resume, compact
         self.state = initial_ui_state() if state is None else state
-        self.first = True
+        # a `<seq>:<k>` resume point is inside the first batch's first event:
+        # that batch is cut there; after a bare `<seq>` nothing is cut
+        self.first = resume[1] is not None
         self._borrowed = False  # self.state is shared: copy it before translating
 
     @property
@@ -201,7 +203,7 @@ class UiStream:
         stand at the same seq give the same frames for the same live events:
         the state at a seq is the fold of the events before it, and live
         batches are never compacted. The first batch is the exception (it
-        starts at the resume point's frame)."""
+        starts inside the resume point's event)."""
         return None if self.first else "ui"
 
     def handoff(self) -> dict:
