@@ -250,7 +250,7 @@ class Append(Batched):
     @classmethod
     async def run_all(cls, tx: Transaction, ops: list["Append"]) -> list[tuple[bool, Any]]:
         heads = await _read(tx, ops)
-        outcomes: list[Any] = []  # _Write, ("retry", parts) or a refusal
+        outcomes: list[Any] = []  # a _Write, ("retry", head, parts) or a refusal
         for op in ops:
             head = heads.get((op.principal, op.conversation_id))
             try:
