@@ -11,7 +11,8 @@ A group costs a constant number of round trips, whatever it holds: BEGIN and
 the lock statement (one message), the ops, COMMIT. Appends are Batched ops:
 all of a group's appends run together (store/appends.py: one statement reads
 and locks, one writes and notifies); other ops (creating, forking) run one by
-one before them. Between groups, a writer keeps its connection as long as work
+one before them (so an append that came just before the creation of its
+conversation finds it: both were in flight at once, either order is true). Between groups, a writer keeps its connection as long as work
 waits (no acquire, no pool reset per group).
 
 Locks: the transaction first takes a transaction-level advisory lock on every
