@@ -1,24 +1,26 @@
 """Fan-out: what live readers cost the writers, and what idle readers cost the server.
 
 Appends with readers vs without (goal: p50 ≤ 1.5×). One `chatlog serve`
-(workers=1); two sets of conversations, each with an open turn: READERS SSE
+(workers=1); two sets of conversations, each with an open turn: 300 SSE
 readers (in a process of their own, bench/sse.py) follow the first set, nobody
-follows the second. Rounds alternate between the sets (the order flips every
-round): one writer per conversation appends one `text.delta` per HTTP request
-at a steady rate. The readers stay connected throughout, so the only
-difference between the variants is whether the written conversation has
-followers. Every reader must receive every event written to its conversation
-exactly once, in order; anything else breaks the run.
+follows the second. After a 1 s warm-up of each (not measured), rounds
+alternate between the sets (the order flips every round): one writer per
+conversation appends one `text.delta` per HTTP request at a steady rate. The
+readers stay connected throughout, so the only difference between the
+variants is whether the written conversation has followers. Every reader must
+receive every event written to its conversation exactly once, in order;
+anything else breaks the run.
 
-Idle readers (was bench/idle_readers.py, issue 7), first, on the same server
-while nothing has used it yet (a clean RSS baseline): readers with
-a 4 KB receive buffer read the response head and never read again (the worst
-case: the server's writes back up) while events are appended to the
+Idle readers (was bench/idle_readers.py, issue 7) come first, on the same
+server while nothing has used it yet (a clean RSS baseline): 1,000 readers
+with a 4 KB receive buffer read the response head and never read again (the
+worst case: the server's writes back up) while events are appended to the
 conversations they follow. Rows: server RSS per connected reader, RSS growth
 per stalled reader while the events pile up (next to the SSE backlog each
 reader was sent: what must stay bounded is this growth, never a copy of every
-event), server CPU per (reader × event) during the appends. tests/test_idle_readers.py
-asserts the behaviour behind these figures.
+event), server CPU per (reader × event) during the appends, and in its note
+the CPU to drop them all. tests/test_idle_readers.py asserts the behaviour
+behind these figures.
 """
 
 from __future__ import annotations
