@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from contextlib import aclosing
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Iterable, Protocol
 
 import orjson
 
@@ -18,12 +18,23 @@ from api.bodies import MAX_SEQ
 from projections import ui
 from projections.compact import compact as compact_events
 
-# (live, events) -> the batch's items: (id, data) or (id, data, event name), or ui.DONE;
-# also `share` (what readers whose frames are the same have in common, None:
-# nothing), `handoff()` (its state after a batch, given up to the batch's
-# memo) and `adopt(state)` (continue from a state another reader handed off).
-# EventFrames and projections.ui.UiStream are the two.
-Render = Callable[[bool, list[dict]], Iterable[tuple | str]]
+
+class Render(Protocol):
+    """A stream's format: EventFrames, or projections.ui.UiStream."""
+
+    # readers whose renderers have the same `share` and stand at the same
+    # cursor make the same frames of a live batch (None: this one does not)
+    share: str | None
+
+    def __call__(self, live: bool, events: list[dict]) -> Iterable[tuple | str]:
+        """The batch's items: (id, data) or (id, data, event name), or ui.DONE."""
+
+    def handoff(self) -> object:
+        """Its state after the last batch, given up to the batch's memo (not changed afterwards)."""
+
+    def adopt(self, state: object) -> None:
+        """Continue from the state another reader handed off after the same batch."""
+
 
 RETRY_MS = 3000
 PING = b": ping\n\n"
@@ -62,11 +73,10 @@ async def body(batches: AsyncIterator[tuple[bool, list[dict]]], render: Render,
     ends right after the turn's closing event.
 
     A live batch's frames are encoded once for all the process's readers of
-    that batch with the same renderer (`render.share`) at the same cursor: the
-    first one stores them in the batch's memo (store/listener.py LiveBatch),
-    with the renderer's state after the batch, which the others adopt. A
-    batch is one write; the response's first frame goes out alone, as soon as
-    it is made."""
+    that batch with the same `render.share`: the first one stores them in the
+    batch's memo (store/listener.py LiveBatch), with its renderer's state
+    after the batch, which the others adopt. A batch is one write; the
+    response's first frame goes out alone, as soon as it is made."""
     yield retry()
     first = True
     async with aclosing(batches):
@@ -75,7 +85,7 @@ async def body(batches: AsyncIterator[tuple[bool, list[dict]]], render: Render,
                 yield PING
                 continue
             memo = getattr(events, "memo", None)
-            key = None if memo is None or render.share is None else (render.share, until_turn, events[0]["seq"])
+            key = None if memo is None or render.share is None else (render.share, until_turn)
             if key is not None and (hit := memo.get(key)) is not None:
                 data, ended, state = hit
                 render.adopt(state)

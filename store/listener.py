@@ -68,11 +68,12 @@ STALL_SECONDS = 2.5
 
 
 class LiveBatch(list):
-    """Events one tail fetch read (or the part of them after a reader's
-    cursor), as every reader of the tail receives them. `memo` is shared by
-    all readers of the fetched batch and lives as long as the batch is
-    buffered: what readers derive from the batch, keyed by what it depends
-    on (api/sse.py keys encoded frames by format and the reader's cursor)."""
+    """Events one tail fetch read, as every reader of the tail receives them.
+    `memo` is shared by all readers of the batch and lives as long as the
+    batch is buffered: what readers derive from the batch, keyed by what it
+    depends on (api/sse.py: encoded frames by format). A reader whose cursor
+    lies inside a batch gets a plain list of the rest, with no memo: a memo
+    per cursor could hold a batch's frames once per reader."""
 
     __slots__ = ("memo",)
 
@@ -171,12 +172,12 @@ class Tail:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def after(self, seq: int) -> LiveBatch | list | None:
+    def after(self, seq: int) -> list[dict] | None:
         """The buffered events after `seq` that were fetched together with
         seq + 1 (one batch at a time, so every reader at `seq` gets the same
-        batch and its memo), [] when there are none yet, or None when the
-        reader is not within the buffer (behind it, or nothing buffered
-        yet): then it reads the store."""
+        LiveBatch), [] when there are none yet, or None when the reader is
+        not within the buffer (behind it, or nothing buffered yet): then it
+        reads the store."""
         batches = self._batches
         if not batches or seq + 1 < batches[0][0]["seq"]:
             return None
@@ -188,9 +189,7 @@ class Tail:
                 break
         if batch[0]["seq"] == seq + 1:
             return batch
-        part = LiveBatch(event for event in batch if event["seq"] > seq)
-        part.memo = batch.memo
-        return part
+        return [event for event in batch if event["seq"] > seq]
 
     async def wait(self) -> None:
         """Wait for new events, a failure or a heartbeat."""
