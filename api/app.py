@@ -15,8 +15,9 @@ from api import errors, openapi
 from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
-from api.routes import conversations, events, feed, health, messages, stream, stream_token
+from api.routes import conversations, events, feed, health, messages, stream, stream_token, turns
 from api.settings import Settings
+from runner.runner import Runner
 from store import Store
 
 log = logging.getLogger("chatlog")
@@ -41,6 +42,9 @@ def redact_tokens(record: logging.LogRecord) -> bool:
 
 
 def _begin_shutdown(app: FastAPI) -> None:
+    runner = getattr(app.state, "runner", None)
+    if runner is not None:
+        runner.begin_shutdown()  # takes no more turns; closes its running ones as interrupted
     store = app.state.store
     if store is not None:
         store.end_streams()
@@ -76,6 +80,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         access = logging.getLogger("uvicorn.access")
         if redact_tokens not in access.filters:  # once per process, however many apps start
             access.addFilter(redact_tokens)
+        # the turn runner: its own LISTEN connection, lease and sweeps (runner/runner.py)
+        listener = app.state.store.listener
+        app.state.runner = Runner(app.state.store, settings, listener._dsn if listener is not None else None)
+        await app.state.runner.open()
+        if settings.upstream_base_url is None:
+            log.info("no upstream model configured (CHATLOG_UPSTREAM_BASE_URL): POST /turns answers 503 no_upstream")
         if not principals:
             log.warning("=" * 72)
             log.warning("OPEN MODE: CHATLOG_API_KEYS is not set. Anyone who can reach this server can")
@@ -85,6 +95,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             yield
         finally:
             restore_signals()
+            await app.state.runner.close(settings.shutdown_grace_seconds)
             if owned:
                 _begin_shutdown(app)
                 await app.state.store.close()
@@ -92,6 +103,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.settings = settings
     app.state.store = store  # None until the lifespan opens one
+    app.state.runner = None  # made by the lifespan
     app.state.principals_by_key = principals
     errors.install(app)
     app.add_middleware(AppendFirst, endpoint=events.append_events)  # added first: CORS wraps it
@@ -100,7 +112,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                            expose_headers=["x-vercel-ai-ui-message-stream"], max_age=600)
-    for module in (conversations, events, feed, health, messages, stream, stream_token):
+    for module in (conversations, events, feed, health, messages, stream, stream_token, turns):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -1,4 +1,4 @@
-"""`chatlog serve` and `chatlog migrate`."""
+"""`chatlog serve`, `chatlog migrate` and `chatlog fake-upstream`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ def _settings() -> Settings:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    if args.fake_upstream:
+        # a scripted OpenAI-compatible upstream in this process (runner/fake_upstream.py): a chat that
+        # streams without an API key. Set before the app reads its settings (workers inherit it).
+        from runner.fake_upstream import FakeUpstream
+
+        upstream = FakeUpstream().start_in_thread()
+        os.environ["CHATLOG_UPSTREAM_BASE_URL"] = upstream
+        os.environ.setdefault("CHATLOG_UPSTREAM_API_KEY", "sk-fake")
+        os.environ.setdefault("CHATLOG_MODEL", "fake")
+        log.warning("--fake-upstream: turns are answered by the fake upstream at %s (scripted replies, "
+                    "see `[fake:...]` directives in runner/fake_upstream.py)", upstream)
     settings = _settings()
     url = settings.database_url or _start_embedded(settings)
     applied = asyncio.run(migrate_url(url))
@@ -65,6 +76,12 @@ def migrate(_: argparse.Namespace) -> None:
     print("applied: " + (", ".join(applied) if applied else "nothing, the schema is up to date"))
 
 
+def fake_upstream(args: argparse.Namespace) -> None:
+    from runner.fake_upstream import serve as serve_fake
+
+    serve_fake(args.host, args.port)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs whole initdb transcripts at INFO
@@ -74,7 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--host")
     run.add_argument("--port", type=int)
     run.add_argument("--workers", type=int)
+    run.add_argument("--fake-upstream", action="store_true",
+                     help="answer turns with a scripted fake model in this process (no API key needed)")
     run.set_defaults(func=serve)
+    fake = commands.add_parser("fake-upstream", help="a scripted OpenAI-compatible streaming upstream, for trying "
+                                                     "and testing the runner without an API key")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8089)
+    fake.set_defaults(func=fake_upstream)
     mig = commands.add_parser("migrate", help="apply migrations to DATABASE_URL")
     mig.set_defaults(func=migrate)
     ben = commands.add_parser("bench", help="measure chatlog side by side with its baselines (bench/README.md)",

@@ -45,6 +45,20 @@ class Settings(BaseSettings):
     stream_token_ttl_seconds: int = Field(300, description="Lifetime of a stream token.")
     token_secret: str | None = Field(None, description="Key for stream tokens; unset: a random key kept in the database.")
     cors_origins: str = Field("", description="Comma-separated origins allowed to call the API from browsers.")
+    # -- the turn runner (runner/) --
+    upstream_base_url: str | None = Field(
+        None, description="OpenAI-compatible Chat Completions base URL (ends in /v1). Unset: POST /turns is 503 no_upstream.")
+    upstream_api_key: str | None = Field(None, description="Bearer key for the upstream.")
+    model: str = Field("gpt-4o-mini", min_length=1, description="The model a turn uses when its request names none.")
+    upstream_timeout_seconds: float = Field(
+        120.0, gt=0, description="Longest wait for the upstream: to connect, and between two chunks.")
+    runner_concurrency: int = Field(64, ge=1, description="Turns one process runs at once; more wait as `queued`.")
+    runner_flush_ms: float = Field(
+        25.0, gt=0, description="A turn's deltas are appended at most this long after they arrive (group commit).")
+    runner_flush_events: int = Field(64, ge=1, description="... or as soon as this many are waiting.")
+    runner_lease_ttl_seconds: float = Field(
+        10.0, gt=0, description="A process that has not renewed its lease for this long counts as dead: its turns are "
+                                "closed as `interrupted` within about 1.3x this.")
 
     @field_validator("api_keys")
     @classmethod

@@ -97,6 +97,10 @@ class Rules:
     def add_reasoning_delta(self, turn_id: str, text: str) -> None:
         self._require_open_turn(turn_id, "reasoning.delta")
 
+    def request_model(self, turn_id: str, step: int, model: str, at_seq: int, request_sha256: str,
+                      tools: list | None = None, tool_choice: Any = None, params: dict | None = None) -> None:
+        self._require_open_turn(turn_id, "model.requested")
+
     def finish_turn(self, turn_id: str, finish_reason: str, usage: dict | None = None) -> None:
         self._close_turn(turn_id, "turn.finished")
 
@@ -211,6 +215,11 @@ class Conversation(Aggregate, Rules):
     def add_reasoning_delta(self, turn_id: str, text: str) -> None:
         super().add_reasoning_delta(turn_id, text)
 
+    @event("ModelRequested")
+    def request_model(self, turn_id: str, step: int, model: str, at_seq: int, request_sha256: str,
+                      tools: list | None = None, tool_choice: Any = None, params: dict | None = None) -> None:
+        super().request_model(turn_id, step, model, at_seq, request_sha256, tools, tool_choice, params)
+
     @event("TurnFinished")
     def finish_turn(self, turn_id: str, finish_reason: str, usage: dict | None = None) -> None:
         super().finish_turn(turn_id, finish_reason, usage)
@@ -256,6 +265,7 @@ RULES = {
     "turn.cancelled": Rules.cancel_turn,
     "turn.failed": Rules.fail_turn,
     "conversation.titled": Rules.set_title,
+    "model.requested": Rules.request_model,
 }
 # ... and -> the aggregate's command method of the same name.
 COMMANDS = {type_: getattr(Conversation, rule.__name__) for type_, rule in RULES.items()}

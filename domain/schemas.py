@@ -97,6 +97,7 @@ class TurnCancelled(_Data):
 class TurnError(_Data):
     code: str
     message: str
+    status: int | None = None  # the upstream's HTTP status, for the runner's `upstream_error`
 
 
 class TurnFailed(_Data):
@@ -106,6 +107,21 @@ class TurnFailed(_Data):
 
 class ConversationTitled(_Data):
     title: str
+
+
+class ModelRequested(_Data):
+    """What the runner sent the model for one step: the `format=openai`
+    projection at `at_seq` plus these fields make the exact request body,
+    whose SHA-256 is `request_sha256`."""
+
+    turn_id: str
+    step: int = Field(ge=1)
+    model: str = Field(min_length=1)
+    at_seq: int = Field(ge=1)
+    request_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tools: list[dict[str, JsonValue]] | None = None
+    tool_choice: JsonValue = None
+    params: dict[str, JsonValue] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,7 @@ VOCABULARY: dict[str, EventType] = {t.name: t for t in (
     EventType("turn.cancelled", TurnCancelled, closes_turn=True),
     EventType("turn.failed", TurnFailed, closes_turn=True),
     EventType("conversation.titled", ConversationTitled),
+    EventType("model.requested", ModelRequested),
 )}
 
 # A tool call's lifecycle, one vocabulary for the aggregate and every fold:
