@@ -75,7 +75,9 @@ async def assert_projection_is_what_the_model_saw(client, cid: str, fake: FakeUp
     """format=openai == the last request's messages + the answer it streamed."""
     last = [r for r in fake.requests if r.path.endswith("/chat/completions")][-1]
     sent = orjson.loads(last.body)["messages"]
-    answered = [{k: v for k, v in last.answer.items() if k != "finish_reason"}] if last.answer else []
+    # the answer as the next request carries it back: reasoning is not part of format=openai
+    answered = [{k: v for k, v in last.answer.items() if k not in ("finish_reason", "reasoning_content", "reasoning")}
+                ] if last.answer else []
     assert await messages(client, cid) == sent + answered
 
 
@@ -117,3 +119,207 @@ async def test_no_upstream_is_503_naming_the_settings(store):
             assert "CHATLOG_UPSTREAM_BASE_URL" in r.json()["error"]["message"]
     finally:
         await server.stop()
+
+
+TOOLS = [{"type": "function", "function": {"name": name, "description": f"the {name}",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+         for name in ("weather", "time")]
+
+
+async def calls_of(client, cid: str, turn_id: str) -> list[str]:
+    """The turn's completed tool calls, in the order they started."""
+    events = (await stored_events(client, cid)).values()
+    started = [e["data"]["tool_call_id"] for e in events
+               if e["type"] == "tool_call.started" and e["data"]["turn_id"] == turn_id]
+    completed = {e["data"]["tool_call_id"] for e in events if e["type"] == "tool_call.completed"}
+    return [c for c in started if c in completed]
+
+
+async def result(client, cid: str, call_id: str, content, status: str = "ok", id: str | None = None) -> httpx.Response:
+    event = {"type": "tool.result", "data": {"tool_call_id": call_id, "content": content, "status": status}}
+    if id is not None:
+        event["id"] = id
+    return await client.post(f"/v1/conversations/{cid}/events", json={"events": [event]})
+
+
+async def test_reasoning_is_recorded_as_reasoning_deltas(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "think [fake:reasoning] [fake:say Done.]")
+    await until_status(chat, cid, turn["turn_id"], "finished")
+    events = list((await stored_events(chat, cid)).values())
+    reasoning = "".join(e["data"]["text"] for e in events if e["type"] == "reasoning.delta")
+    assert reasoning == "The user wants an answer. I will think briefly, then reply."
+    assert "".join(e["data"]["text"] for e in events if e["type"] == "text.delta") == "Done."
+    await assert_projection_is_what_the_model_saw(chat, cid, fake)  # reasoning is not part of format=openai
+    await assert_requests_match(chat, cid, turn["turn_id"], fake)
+
+
+async def test_parallel_tool_calls_wait_for_results_given_in_reverse_order(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "weather and time in Paris [fake:tools]", tools=TOOLS)
+    turn_id = turn["turn_id"]
+    await until_status(chat, cid, turn_id, "waiting_for_tools")
+    calls = await calls_of(chat, cid, turn_id)
+    assert len(calls) == 2
+    r = await result(chat, cid, calls[1], {"time": "12:00"})
+    assert r.status_code == 201, r.text
+    assert (await chat.get(f"/v1/conversations/{cid}/turns/{turn_id}")).json()["status"] == "waiting_for_tools"
+    r = await result(chat, cid, calls[0], {"temp_c": 18})
+    assert r.status_code == 201, r.text
+    status = await until_status(chat, cid, turn_id, "finished")
+    assert status["steps"] == 2
+    second = [q for q in fake.requests if q.path.endswith("/chat/completions")][-1]
+    tool_messages = [m for m in orjson.loads(second.body)["messages"] if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tool_messages] == calls  # call order, not arrival order
+    await assert_projection_is_what_the_model_saw(chat, cid, fake)
+    requests = await assert_requests_match(chat, cid, turn_id, fake)
+    assert [q["step"] for q in requests] == [1, 2]
+
+
+async def test_max_steps_ends_the_turn_with_the_last_steps_finish_reason(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:tools weather]", tools=TOOLS, max_steps=1)
+    status = await until_status(chat, cid, turn["turn_id"], "finished")
+    assert status["steps"] == 1
+    events = list((await stored_events(chat, cid)).values())
+    assert events[-1]["type"] == "turn.finished" and events[-1]["data"]["finish_reason"] == "tool_calls"
+
+
+async def test_a_pending_result_lets_the_turn_finish_and_the_final_one_continues_once(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "run the report [fake:tools weather]", tools=TOOLS)
+    turn_id = turn["turn_id"]
+    await until_status(chat, cid, turn_id, "waiting_for_tools")
+    [call] = await calls_of(chat, cid, turn_id)
+    assert (await result(chat, cid, call, "started, will take a while", "pending")).status_code == 201
+    await until_status(chat, cid, turn_id, "finished")
+    assert (await chat.get(f"/v1/conversations/{cid}")).json()["open_turn_id"] is None
+    # the final result, delivered twice (a retry with the same id, and another delivery without)
+    first = await result(chat, cid, call, {"report": "done"}, id="final-1")
+    again = await result(chat, cid, call, {"report": "done"}, id="final-1")
+    other = await result(chat, cid, call, {"report": "done"})
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 422)
+
+    async def continuation():
+        events = (await stored_events(chat, cid)).values()
+        ends = [e for e in events if e["type"] == "turn.finished" and e["data"]["turn_id"] != turn_id]
+        return ends
+    [end] = await eventually(continuation, "the continuation turn to finish")
+    events = list((await stored_events(chat, cid)).values())
+    starts = [e for e in events if e["type"] == "turn.started"]
+    assert len(starts) == 2 and starts[1]["data"]["turn_id"] == end["data"]["turn_id"]
+    await asyncio.sleep(0.5)  # nothing more comes
+    assert len([e for e in (await stored_events(chat, cid)).values() if e["type"] == "turn.started"]) == 2
+    # the continuation's answer stands next to the turn's last assistant message (no user message
+    # between), so the projection merges them (the contract's rule): joined with "\n"
+    last = [q for q in fake.requests if q.path.endswith("/chat/completions")][-1]
+    sent = orjson.loads(last.body)["messages"]
+    assert sent[-1]["role"] == "assistant"
+    merged = {"role": "assistant", "content": sent[-1]["content"] + "\n" + last.answer["content"]}
+    assert await messages(chat, cid) == sent[:-1] + [merged]
+    await assert_requests_match(chat, cid, end["data"]["turn_id"], fake)
+
+
+async def test_429_then_success_is_retried_honouring_retry_after(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:429 then ok retry-after-ms 50] [fake:say Worked.]")
+    await until_status(chat, cid, turn["turn_id"], "finished")
+    statuses = [q.status for q in fake.requests if q.path.endswith("/chat/completions")]
+    assert statuses == [429, 200]
+    events = list((await stored_events(chat, cid)).values())
+    assert [e["type"] for e in events].count("model.requested") == 1  # one step, sent twice
+    await assert_projection_is_what_the_model_saw(chat, cid, fake)
+    await assert_requests_match(chat, cid, turn["turn_id"], fake)
+
+
+async def test_a_4xx_fails_the_turn_with_the_upstreams_status_and_message(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:error 400]")
+    await until_status(chat, cid, turn["turn_id"], "failed")
+    error = list((await stored_events(chat, cid)).values())[-1]["data"]["error"]
+    assert error["code"] == "upstream_error" and error["status"] == 400 and "400" in error["message"]
+    assert [q.status for q in fake.requests] == [400]  # not retried
+
+
+async def test_a_stream_broken_mid_way_fails_the_turn_keeping_the_partial_text(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:long 50] [fake:break after 20]")
+    await until_status(chat, cid, turn["turn_id"], "failed")
+    events = list((await stored_events(chat, cid)).values())
+    text = "".join(e["data"]["text"] for e in events if e["type"] == "text.delta")
+    assert text == "".join(f"word{i} " for i in range(19))  # 20 chunks: the role chunk and 19 words
+    assert events[-1]["data"]["error"]["code"] == "upstream_error"
+    assert len(fake.requests) == 1  # chunks had arrived: not retried
+
+
+async def test_an_error_500_mid_stream_fails_the_turn_keeping_the_partial_text(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:long 30] [fake:error 500 after 10]")
+    await until_status(chat, cid, turn["turn_id"], "failed")
+    events = list((await stored_events(chat, cid)).values())
+    text = "".join(e["data"]["text"] for e in events if e["type"] == "text.delta")
+    assert text == "".join(f"word{i} " for i in range(9))
+    assert events[-1]["data"]["error"]["code"] == "upstream_error"
+
+
+async def test_cancel_stops_the_upstream_and_keeps_the_partial_output(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:long 400] [fake:slow 20ms]")
+    turn_id = turn["turn_id"]
+
+    async def some_text():  # one page: the log grows while the turn streams
+        page = (await chat.get(f"/v1/conversations/{cid}/events", params={"compact": "false"})).json()
+        return any(e["type"] == "text.delta" for e in page["events"])
+    await eventually(some_text, "some text to be recorded")
+    for _ in range(2):  # idempotent
+        r = await chat.post(f"/v1/conversations/{cid}/turns/{turn_id}/cancel")
+        assert r.status_code == 202, r.text
+    await until_status(chat, cid, turn_id, "cancelled")
+    await fake.wait_for(lambda q: q.outcome == "client_closed", timeout=5)
+    events = list((await stored_events(chat, cid)).values())
+    assert [e["type"] for e in events].count("turn.cancelled") == 1
+    assert any(e["type"] == "text.delta" for e in events)
+    await asyncio.sleep(0.3)
+    assert list((await stored_events(chat, cid)).values())[-1]["type"] == "turn.cancelled"
+
+
+async def test_if_running_reject_interrupt_and_enqueue(chat, fake):
+    cid = await new_chat(chat)
+    first = await start(chat, cid, "[fake:long 400] [fake:slow 20ms]")
+    r = await chat.post(f"/v1/conversations/{cid}/turns", json={"message": {"role": "user", "content": "again"}})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "turn_running"
+    assert r.json()["error"]["details"]["turn_id"] == first["turn_id"]
+    queued = await start(chat, cid, "queued one [fake:say Third.]", if_running="enqueue")
+    assert queued["status"] == "queued"
+    second = await start(chat, cid, "interrupting [fake:say Second.]", if_running="interrupt")
+    assert (await until_status(chat, cid, first["turn_id"], "cancelled"))["status"] == "cancelled"
+    await until_status(chat, cid, second["turn_id"], "finished")
+    await until_status(chat, cid, queued["turn_id"], "finished")
+    events = list((await stored_events(chat, cid)).values())
+    users = [e["data"]["content"] for e in events if e["type"] == "message.user"]
+    assert users == ["[fake:long 400] [fake:slow 20ms]", "interrupting [fake:say Second.]", "queued one [fake:say Third.]"]
+    await assert_projection_is_what_the_model_saw(chat, cid, fake)
+
+
+async def test_the_same_request_id_is_the_same_turn(chat, fake):
+    cid = await new_chat(chat)
+    body = {"message": {"role": "user", "content": "[fake:say Once.]"}, "request_id": "req-1"}
+    r1 = await chat.post(f"/v1/conversations/{cid}/turns", json=body)
+    r2 = await chat.post(f"/v1/conversations/{cid}/turns", json=body)
+    assert (r1.status_code, r2.status_code) == (202, 200)
+    assert r1.json()["turn_id"] == r2.json()["turn_id"]
+    await until_status(chat, cid, r1.json()["turn_id"], "finished")
+    r3 = await chat.post(f"/v1/conversations/{cid}/turns", json=body)
+    assert r3.status_code == 200 and r3.json()["turn_id"] == r1.json()["turn_id"]
+    assert len(fake.requests) == 1
+
+
+async def test_accept_event_stream_answers_with_the_turns_stream(chat, fake):
+    cid = await new_chat(chat)
+    async with chat.stream("POST", f"/v1/conversations/{cid}/turns", headers={"Accept": "text/event-stream"},
+                           json={"message": {"role": "user", "content": "[fake:say Streamed to you.]"}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = (await r.aread()).decode()
+    assert "event: turn.started" in body and "event: turn.finished" in body
+    assert "Streamed" in body
