@@ -227,10 +227,10 @@ async def idle_readers(bench: Bench, url: str) -> None:
     backlog_kb = len(body) / frames * per_reader_events / KB
     growth_kb = (after - connected) / readers / KB
     bench.row("idle reader: server RSS per connected reader", (connected - baseline) / readers / KB, "KB",
-              note=f"{readers} readers on {conversations} conversations, one server (workers=1)")
+              note=f"{readers:,} readers on {conversations} conversations, one server (workers=1)")
     bench.row("stalled reader: RSS growth while events pile up", growth_kb, "KB / reader",
               ratio=growth_kb / backlog_kb, ratio_of=f"the {backlog_kb:.0f} KB of SSE each was sent",
-              note=f"{events:,} × {size} B text.delta appended while {readers} readers (4 KB receive buffer) "
+              note=f"{events:,} × {size} B text.delta appended while {readers:,} readers (4 KB receive buffer) "
                    "never read; bounded: must not grow with the backlog")
     bench.row("stalled readers: server CPU per reader per event", cpu / (readers * per_reader_events) * 1e6, "µs",
               note=f"server CPU during the appends {cpu:.1f} s; {hang_up / readers * 1e6:.0f} µs per reader to drop "
