@@ -144,3 +144,34 @@ async def test_a_client_that_hangs_up_loses_nothing_and_resumes_by_last_event_id
     assert events[-1]["type"] == "turn.finished"
     sent = orjson.loads([q for q in fake.requests if q.path.endswith("/chat/completions")][-1].body)["messages"]
     assert (await messages(b, cid))[:-1] == sent
+
+
+async def test_sigterm_closes_running_turns_as_interrupted_keeping_what_was_received(pair, fake):
+    (server_a, _), (a, b) = pair
+    cid = await new_chat(a)
+    turn = await start(a, cid, "[fake:long 2000] [fake:slow 20ms]")
+    await eventually(lambda: _has_text(b, cid), "some text to be recorded")
+    await server_a.stop()
+    assert server_a.proc.returncode == 0, server_a.log_tail()
+    status = await until_status(b, cid, turn["turn_id"], "failed", timeout=5)
+    events = list((await stored_events(b, cid)).values())
+    assert events[-1]["data"]["error"]["code"] == "interrupted"
+    record = [q for q in fake.requests if q.path.endswith("/chat/completions")][-1]
+    text = "".join(e["data"]["text"] for e in events if e["type"] == "text.delta")
+    # every chunk the upstream sent before the runner hung up was recorded (the first is the role chunk)
+    assert text == "".join(f"word{i} " for i in range(record.chunks_sent - 1))
+    assert status["status"] == "failed"
+
+
+async def test_a_queued_request_of_a_killed_process_runs_on_another(pair, fake):
+    (server_a, _), (a, b) = pair
+    cid = await new_chat(a)
+    first = await start(a, cid, "[fake:long 2000] [fake:slow 20ms]")
+    queued = await start(a, cid, "after that [fake:say Queued and done.]", if_running="enqueue")
+    assert queued["status"] == "queued"
+    await eventually(lambda: _has_text(b, cid), "some text to be recorded")
+    server_a.kill9()
+    await until_status(b, cid, first["turn_id"], "failed", timeout=LEASE_TTL * 4 + 10)
+    await until_status(b, cid, queued["turn_id"], "finished", timeout=20)
+    events = list((await stored_events(b, cid)).values())
+    assert [e["data"]["content"] for e in events if e["type"] == "message.user"][-1] == "after that [fake:say Queued and done.]"

@@ -323,3 +323,35 @@ async def test_accept_event_stream_answers_with_the_turns_stream(chat, fake):
         body = (await r.aread()).decode()
     assert "event: turn.started" in body and "event: turn.finished" in body
     assert "Streamed" in body
+
+
+@pytest.fixture
+async def narrow(store, fake):
+    """A chatlog whose runner takes one turn at a time and waits at most 0.5 s for the upstream."""
+    settings = Settings(database_url=None, api_keys=API_KEYS, heartbeat_seconds=HEARTBEAT_SECONDS,
+                        upstream_base_url=fake.url, upstream_api_key="sk-fake", model="fake",
+                        runner_concurrency=1, upstream_timeout_seconds=0.5)
+    server = await InProcessServer(create_app(settings, store=store)).start()
+    async with httpx.AsyncClient(base_url=server.url, headers=auth("alice"), timeout=20) as client:
+        yield client
+    await server.stop()
+
+
+async def test_turns_beyond_the_concurrency_wait_as_queued(narrow, fake):
+    one, two = await new_chat(narrow), await new_chat(narrow)
+    first = await start(narrow, one, "[fake:long 60] [fake:slow 10ms]")
+    second = await start(narrow, two, "[fake:say Waited my turn.]")
+    assert (first["status"], second["status"]) == ("running", "queued")
+    assert (await narrow.get(f"/v1/conversations/{two}/turns/{second['turn_id']}")).json()["status"] == "queued"
+    await until_status(narrow, two, second["turn_id"], "finished")
+    assert (await narrow.get(f"/v1/conversations/{one}/turns/{first['turn_id']}")).json()["status"] == "finished"
+
+
+async def test_an_upstream_that_stops_sending_fails_the_turn_after_the_timeout(narrow, fake):
+    cid = await new_chat(narrow)
+    turn = await start(narrow, cid, "[fake:long 20] [fake:stall after 5]")
+    await until_status(narrow, cid, turn["turn_id"], "failed")
+    events = list((await stored_events(narrow, cid)).values())
+    assert "".join(e["data"]["text"] for e in events if e["type"] == "text.delta") == "word0 word1 word2 word3 "
+    assert events[-1]["data"]["error"]["code"] == "upstream_error"
+    assert "timeout" in events[-1]["data"]["error"]["message"]
