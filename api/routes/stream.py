@@ -25,19 +25,21 @@ router = APIRouter(prefix="/v1/conversations", tags=["stream"])
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 UI_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 RESUME = {"pattern": sse.RESUME_PATTERN, "description": "a seq (12) or a UI frame id (12:3) to resume after"}
-# The first catch-up read when frames do not depend on where batches split
-# (compact=false): the first frame goes out after a few rows, not a thousand.
-# A compacted catch-up keeps its 1,000-event batches: a run merged across
-# them would be another frame than before.
+# The first catch-up read: the first frame goes out after a few rows, not a
+# thousand (a client resuming deep inside a long turn waits for one short
+# read). A compacted catch-up merges runs within each read, as
+# /events?compact=true does within each page, so its first merged run ends
+# here and the next read's runs follow: every delta is still in exactly one
+# frame, and a resume after any of these ids is exact.
 FIRST_READ = 32
 
 
-async def _start(store: Store, principal: str, conversation_id: uuid.UUID, after: int, compact: bool,
+async def _start(store: Store, principal: str, conversation_id: uuid.UUID, after: int,
                  end: int | None = None, ui_state_at: int | None = None) -> tuple[int, list[dict], dict | None]:
     """(where the catch-up ends: `end` or the conversation's current seq, its
     first batch, the UI translator's state at `ui_state_at`), the queries
     side by side: a resumed stream's first frame waits for one round trip."""
-    limit = 1000 if compact else FIRST_READ
+    limit = FIRST_READ
     if end is not None:
         limit = max(0, min(limit, end - after))
     head = store.stream_start(principal, conversation_id, after, limit)
@@ -61,14 +63,14 @@ async def stream(principal: StreamPrincipalDep, conversation_id: ConversationIdD
                  last_event_id: str | None = Header(None, json_schema_extra=RESUME)):
     resume = sse.resume_point(last_event_id, after)
     if format == "events":
-        current, first, _ = await _start(store, principal, conversation_id, resume[0], compact)
+        current, first, _ = await _start(store, principal, conversation_id, resume[0])
         batches = store.stream(principal, conversation_id, resume[0], current, follow, settings.heartbeat_seconds,
                                first)
         return _response(sse.body(batches, sse.event_frames(compact)))
     start = ui.read_after(resume)
     # the translator's state after events 1..start: a late tool result needs its
     # call from an older turn, so it is the whole history's (snapshot + tail)
-    current, first, state = await _start(store, principal, conversation_id, start, compact, ui_state_at=start)
+    current, first, state = await _start(store, principal, conversation_id, start, ui_state_at=start)
     batches = store.stream(principal, conversation_id, start, current, follow, settings.heartbeat_seconds, first)
     return _response(sse.body(batches, ui.UiStream(resume, compact, state)), UI_HEADERS)
 
@@ -87,7 +89,7 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     follow = end is None
     if format == "events":
         after = max(resume[0], start - 1)
-        upto, first, _ = await _start(store, principal, conversation_id, after, compact, end)
+        upto, first, _ = await _start(store, principal, conversation_id, after, end)
         batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds, first)
         return _response(sse.body(batches, sse.event_frames(compact), until_turn=turn_id))
     # ui: a turn's frames are the conversation's frames of its events
@@ -97,7 +99,7 @@ async def turn_stream(principal: StreamPrincipalDep, conversation_id: Conversati
     # a long turn does not translate the turn from its start)
     resume = resume if resume[0] >= start else (start - 1, None)
     after = ui.read_after(resume)
-    upto, first, state = await _start(store, principal, conversation_id, after, compact, end,
+    upto, first, state = await _start(store, principal, conversation_id, after, end,
                                       ui_state_at=after if after >= start else None)
     batches = store.stream(principal, conversation_id, after, upto, follow, settings.heartbeat_seconds, first)
     return _response(sse.body(batches, ui.UiStream(resume, compact, state), until_turn=turn_id), UI_HEADERS)
