@@ -44,9 +44,21 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection needs on its way back to the pool: nothing.
+
+    asyncpg's default reset runs a query on every release (RESET ALL, UNLISTEN,
+    advisory unlock, CLOSE ALL): a round trip each read waits for before it
+    answers. Pooled connections here never keep session state (settings are
+    SET LOCAL, locks are transaction locks, LISTEN has connections of its
+    own), and asyncpg still rolls back a transaction left open before it
+    calls this."""
+
+
 async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, connect_timeout: float = 1.0,
                       command_timeout: float = 1.5) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+                                     reset=_keep_session,
                                      timeout=connect_timeout, command_timeout=command_timeout,
                                      server_settings={"application_name": "chatlog"})
 
