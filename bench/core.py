@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -194,36 +195,43 @@ class CpuMeter:
     """CPU used by named groups of processes between start() and stop(), in cores
     (CPU seconds ÷ wall seconds); `machine` is the whole machine's busy cores."""
 
-    def __init__(self, **groups: list[int]) -> None:
+    def __init__(self, children: str | None = None, **groups: list[int]) -> None:
         self.groups = groups
+        # a group measured as this process's children that exited meanwhile
+        # (getrusage): a load generator is reaped before stop() could read its /proc
+        self.children = children
         self.cores: dict[str, float] = {}
         self.per_process_max: dict[str, float] = {}
 
-    def _take(self) -> tuple[float, float, dict[str, dict[int, float]]]:
+    def _take(self) -> tuple[float, float, dict[str, dict[int, float]], float]:
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         return (time.monotonic(), machine_busy_seconds(),
-                {g: {p: cpu_seconds(p) for p in pids} for g, pids in self.groups.items()})
+                {g: {p: cpu_seconds(p) for p in pids} for g, pids in self.groups.items()},
+                reaped.ru_utime + reaped.ru_stime)
 
     def start(self) -> "CpuMeter":
         self._start = self._take()
         return self
 
     def stop(self) -> dict[str, float]:
-        t1, busy1, cpu1 = self._take()
-        t0, busy0, cpu0 = self._start
+        t1, busy1, cpu1, reaped1 = self._take()
+        t0, busy0, cpu0, reaped0 = self._start
         wall = max(t1 - t0, 1e-9)
         for g in self.groups:
             used = {p: max(0.0, cpu1[g][p] - cpu0[g][p]) / wall for p in self.groups[g]}
             self.cores[g] = sum(used.values())
             self.per_process_max[g] = max(used.values(), default=0.0)
+        if self.children:
+            self.cores[self.children] = (reaped1 - reaped0) / wall
         self.cores["machine"] = (busy1 - busy0) / wall
         return self.cores
 
     def describe(self) -> str:
         """e.g. "server 1.02 cores (busiest process 1.00), postgres 0.31, wrk 0.12, machine 1.61 of 2"."""
         parts = []
-        for g in self.groups:
+        for g in [*self.groups, *([self.children] if self.children else [])]:
             part = f"{g} {self.cores[g]:.2f}"
-            if len(self.groups[g]) > 1 and g == "server":
+            if g == "server" and len(self.groups[g]) > 1:
                 part += f" (busiest process {self.per_process_max[g]:.2f})"
             parts.append(part)
         parts.append(f"machine {self.cores['machine']:.2f} of {os.cpu_count()}")

@@ -99,12 +99,9 @@ class HttpTarget:
     async def load(self, variant: HttpIngest, seconds: float, rate_per_thread: float | None = None,
                    threads: int = 1) -> float:
         before = await total_events(self.db)
-        meter = CpuMeter(server=self.bench.server_pids(self.url), postgres=await postgres_pids(self.db))
-        wrk_pid: list[int] = []
+        meter = CpuMeter(children="wrk", server=self.bench.server_pids(self.url), postgres=await postgres_pids(self.db))
 
         def started(pid: int) -> None:
-            wrk_pid.append(pid)
-            meter.groups["wrk"] = [pid]
             meter.start()
 
         result = await run_wrk(self.bench, self.url, self.ids, variant.batch, variant.connections, seconds,
