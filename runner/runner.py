@@ -268,6 +268,7 @@ class Runner:
                     pass  # closed meanwhile
             await self.turns.set_status(p, cid, turn_id, "ended", only_from=LIVE)
             await self.turns.notify("queued")
+        await self.turns.forget_dead(self.settings.runner_lease_ttl_seconds)
 
     def _on_signal(self, payload: str) -> None:
         if payload == "queued":
@@ -319,6 +320,7 @@ class Runner:
         """Start (or enqueue) a turn: (turn_id, status, created). The message and
         turn.started are committed before it returns, unless the turn was queued.
         Raises NoUpstream, TurnRunning, NotFound."""
+        conversation = await self.store.get_conversation(principal, conversation_id)  # 404 first, for anyone
         if self.upstream is None:
             raise NoUpstream(NoUpstream.message)
         if self.closing:
@@ -328,7 +330,6 @@ class Runner:
             existing = await self.turns.by_request_id(principal, conversation_id, request_id)
             if existing is not None:
                 return existing["turn_id"], await self._status_of(existing), False
-        conversation = await self.store.get_conversation(principal, conversation_id)
         busy = conversation["open_turn_id"] or await self.turns.first_waiting(principal, conversation_id)
         mode = request.get("if_running") or "reject"
         turn_id = str(uuid.uuid4())

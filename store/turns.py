@@ -70,6 +70,12 @@ class Turns:
     async def retire(self, runner_id: str) -> None:
         await self.pool.execute("DELETE FROM runners WHERE id = $1", runner_id)
 
+    async def forget_dead(self, ttl: float) -> None:
+        """Drop lease rows long past (a process killed without retiring); a turn whose
+        owner has no row counts as orphaned all the same."""
+        await self.pool.execute("DELETE FROM runners WHERE lease_until < clock_timestamp() - make_interval(secs => $1)",
+                                ttl * 10)
+
     async def orphans(self) -> list[dict]:
         """Live turns whose process is dead (its lease passed)."""
         return [run_dict(r) for r in await self.pool.fetch(_ORPHANS)]

@@ -40,6 +40,11 @@ CALLS: dict[tuple[str, str], dict] = {
     ("GET", f"{C}/stream"): {"params": {"follow": "false"}},
     ("GET", f"{C}/turns/{{turn_id}}/stream"): {"params": {"format": "ui"}},
     ("POST", f"{C}/stream-token"): {},
+    # the runner (its upstream is a closed port: the owner's turn starts, then fails on its own)
+    ("POST", f"{C}/turns"): {"json": {"message": {"role": "user", "content": "hi"}}},
+    ("GET", f"{C}/turns/{{turn_id}}"): {},
+    ("GET", f"{C}/turns/{{turn_id}}/requests"): {},
+    ("POST", f"{C}/turns/{{turn_id}}/cancel"): {},
 }
 # Routes without a conversation in their path, and where this file checks them.
 OTHER_ROUTES = {
@@ -59,7 +64,8 @@ def app_routes(app) -> set[tuple[str, str]]:
 
 @pytest.fixture
 def app(store, api_keys):
-    return create_app(Settings(database_url=None, api_keys=api_keys, heartbeat_seconds=0.05), store=store)
+    return create_app(Settings(database_url=None, api_keys=api_keys, heartbeat_seconds=0.05,
+                               upstream_base_url="http://127.0.0.1:9/v1"), store=store)
 
 
 @pytest.fixture
