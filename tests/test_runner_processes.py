@@ -16,7 +16,8 @@ import pytest
 from runner.fake_upstream import FakeUpstream
 from tests.helpers import eventually, stored_events
 from tests.servers import open_sse
-from tests.test_runner_turns import TOOLS, calls_of, messages, new_chat, result, start, until_status
+from tests.test_runner_turns import (TOOLS, assert_projection_is_what_the_model_saw_then_partly_said, calls_of, messages,
+                                     new_chat, result, start, until_status)
 
 pytest_plugins = ("tests.servers",)
 
@@ -60,6 +61,7 @@ async def test_cancel_from_the_other_process_stops_the_upstream(pair, fake):
     await asyncio.sleep(0.5)
     events = list((await stored_events(a, cid)).values())
     assert events[-1]["type"] == "turn.cancelled" and [e["type"] for e in events].count("turn.cancelled") == 1
+    await assert_projection_is_what_the_model_saw_then_partly_said(b, cid, fake, events)
 
 
 async def _has_text(client, cid: str) -> bool:
@@ -95,6 +97,7 @@ async def test_kill9_of_the_runners_process_closes_its_turn_as_interrupted(pair,
     assert events[-1]["type"] == "turn.failed" and events[-1]["data"]["error"]["code"] == "interrupted"
     assert any(e["type"] == "text.delta" for e in events)  # what was committed stays
     assert status["ended_at"]
+    await assert_projection_is_what_the_model_saw_then_partly_said(b, cid, fake, events)
     print(f"closed as interrupted {waited:.1f}s after the kill (lease ttl {LEASE_TTL}s)")
     # the conversation takes turns again
     again = await start(b, cid, "[fake:say Back.]")
@@ -161,6 +164,7 @@ async def test_sigterm_closes_running_turns_as_interrupted_keeping_what_was_rece
     # every chunk the upstream sent before the runner hung up was recorded (the first is the role chunk)
     assert text == "".join(f"word{i} " for i in range(record.chunks_sent - 1))
     assert status["status"] == "failed"
+    await assert_projection_is_what_the_model_saw_then_partly_said(b, cid, fake, events)
 
 
 async def test_a_queued_request_of_a_killed_process_runs_on_another(pair, fake):

@@ -81,6 +81,16 @@ async def assert_projection_is_what_the_model_saw(client, cid: str, fake: FakeUp
     assert await messages(client, cid) == sent + answered
 
 
+async def assert_projection_is_what_the_model_saw_then_partly_said(client, cid: str, fake: FakeUpstream,
+                                                                   events: list[dict]) -> None:
+    """For a turn that ended early: format=openai == the last request's messages + the text received."""
+    last = [r for r in fake.requests if r.path.endswith("/chat/completions")][-1]
+    sent = orjson.loads(last.body)["messages"]
+    text = "".join(e["data"]["text"] for e in events if e["type"] == "text.delta" and e["seq"] > len(sent))
+    assert text
+    assert await messages(client, cid) == sent + [{"role": "assistant", "content": text}]
+
+
 async def assert_requests_match(client, cid: str, turn_id: str, fake: FakeUpstream) -> list[dict]:
     r = await client.get(f"/v1/conversations/{cid}/turns/{turn_id}/requests")
     assert r.status_code == 200, r.text
@@ -251,6 +261,7 @@ async def test_a_stream_broken_mid_way_fails_the_turn_keeping_the_partial_text(c
     assert text == "".join(f"word{i} " for i in range(19))  # 20 chunks: the role chunk and 19 words
     assert events[-1]["data"]["error"]["code"] == "upstream_error"
     assert len(fake.requests) == 1  # chunks had arrived: not retried
+    await assert_projection_is_what_the_model_saw_then_partly_said(chat, cid, fake, events)
 
 
 async def test_an_error_500_mid_stream_fails_the_turn_keeping_the_partial_text(chat, fake):
@@ -261,6 +272,7 @@ async def test_an_error_500_mid_stream_fails_the_turn_keeping_the_partial_text(c
     text = "".join(e["data"]["text"] for e in events if e["type"] == "text.delta")
     assert text == "".join(f"word{i} " for i in range(9))
     assert events[-1]["data"]["error"]["code"] == "upstream_error"
+    await assert_projection_is_what_the_model_saw_then_partly_said(chat, cid, fake, events)
 
 
 async def test_cancel_stops_the_upstream_and_keeps_the_partial_output(chat, fake):
@@ -281,7 +293,9 @@ async def test_cancel_stops_the_upstream_and_keeps_the_partial_output(chat, fake
     assert [e["type"] for e in events].count("turn.cancelled") == 1
     assert any(e["type"] == "text.delta" for e in events)
     await asyncio.sleep(0.3)
-    assert list((await stored_events(chat, cid)).values())[-1]["type"] == "turn.cancelled"
+    events = list((await stored_events(chat, cid)).values())
+    assert events[-1]["type"] == "turn.cancelled"
+    await assert_projection_is_what_the_model_saw_then_partly_said(chat, cid, fake, events)
 
 
 async def test_if_running_reject_interrupt_and_enqueue(chat, fake):
@@ -355,3 +369,33 @@ async def test_an_upstream_that_stops_sending_fails_the_turn_after_the_timeout(n
     assert "".join(e["data"]["text"] for e in events if e["type"] == "text.delta") == "word0 word1 word2 word3 "
     assert events[-1]["data"]["error"]["code"] == "upstream_error"
     assert "timeout" in events[-1]["data"]["error"]["message"]
+
+
+async def test_a_turn_waiting_for_tools_is_cancelled_and_calls_the_model_no_more(chat, fake):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:tools weather]", tools=TOOLS)
+    await until_status(chat, cid, turn["turn_id"], "waiting_for_tools")
+    r = await chat.post(f"/v1/conversations/{cid}/turns/{turn['turn_id']}/cancel")
+    assert r.status_code == 202
+    await until_status(chat, cid, turn["turn_id"], "cancelled")
+    [call] = await calls_of(chat, cid, turn["turn_id"])
+    assert (await result(chat, cid, call, {"temp_c": 3})).status_code == 201  # a late result is still taken
+    await asyncio.sleep(0.5)
+    assert len(fake.requests) == 1
+    events = list((await stored_events(chat, cid)).values())
+    assert events[-1]["type"] == "tool.result"
+    r = await chat.get(f"/v1/conversations/{cid}/turns/{turn['turn_id']}")
+    assert r.json()["status"] == "cancelled"
+
+
+async def test_an_unknown_turn_is_404_and_a_bad_request_is_422(chat):
+    cid = await new_chat(chat)
+    for path in ("", "/requests"):
+        r = await chat.get(f"/v1/conversations/{cid}/turns/nope{path}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert (await chat.post(f"/v1/conversations/{cid}/turns/nope/cancel")).status_code == 404
+    for body in ({"message": {"role": "assistant", "content": "x"}}, {"params": {"stream": False}},
+                 {"tool_choice": "auto"}, {"max_steps": 0}, {"if_running": "sometimes"}):
+        r = await chat.post(f"/v1/conversations/{cid}/turns", json=body)
+        assert r.status_code == 422, (body, r.text)
+    assert (await chat.get(f"/v1/conversations/{cid}")).json()["seq"] == 1  # nothing written
