@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -61,11 +62,12 @@ from store import Store
 from store.appends import NewEvent
 from store.errors import InvalidEvent, NotFound, OutcomeUnknown, Unavailable
 from store.rows import rfc3339
-from store.turns import LIVE, TurnSignals, Turns
+from store.turns import TurnSignals, Turns
 
 log = logging.getLogger("chatlog.runner")
 
 DEFAULT_MAX_STEPS = 8
+PATIENCE_SECONDS = 15.0
 
 
 class NoUpstream(Exception):
@@ -152,6 +154,7 @@ class _Turn:
         self.request: dict = run["request"]
         self.stop_reason: str | None = None  # "cancelled" | "shutdown" | "fenced"
         self.waiting: asyncio.Task | None = None  # the upstream stream or the wait for results
+        self.waited = False  # began while every slot was taken: its status says queued until one frees
 
     @property
     def key(self) -> tuple[str, uuid.UUID, str]:
@@ -254,7 +257,6 @@ class Runner:
                 _, end = await self.store.turn_span(p, cid, turn_id)
             except NotFound:
                 await self.turns.requeue(p, cid, turn_id)
-                await self.turns.set_status(p, cid, turn_id, "queued", only_from=("running", "waiting_for_tools"))
                 continue
             if end is None:
                 log.warning("runner: closing turn %s of conversation %s: its process (%s) is gone",
@@ -266,8 +268,7 @@ class Runner:
                         id=f"turn:{turn_id}:interrupted")])
                 except InvalidEvent:
                     pass  # closed meanwhile
-            await self.turns.set_status(p, cid, turn_id, "ended", only_from=LIVE)
-            await self.turns.notify("queued")
+            await self.turns.end(p, cid, turn_id)
         await self.turns.forget_dead(self.settings.runner_lease_ttl_seconds)
 
     def _on_signal(self, payload: str) -> None:
@@ -342,8 +343,8 @@ class Runner:
             return run["turn_id"], await self._status_of(run), created
         if busy and mode == "interrupt" and conversation["open_turn_id"]:
             await self.cancel(principal, conversation_id, conversation["open_turn_id"], reason="interrupted")
-        run, created = await self.turns.add(principal, conversation_id, turn_id, request_id, request, "starting",
-                                            self.id)
+        run, created = await self.turns.add(principal, conversation_id, turn_id, request_id, request,
+                                            "running" if self.free > 0 else "starting", self.id)
         if not created:
             return run["turn_id"], await self._status_of(run), False
         turn = _Turn(run)
@@ -380,6 +381,7 @@ class Runner:
         await self.store.append(turn.principal, turn.conversation_id, events)
 
     def _spawn(self, turn: _Turn) -> None:
+        turn.waited = self.free <= 0
         self.free -= 1
         self.running[turn.key] = turn
         task = asyncio.create_task(self._drive(turn), name=f"chatlog-turn-{turn.turn_id}")
@@ -425,21 +427,31 @@ class Runner:
         is unavailable (a 503 wrote nothing) for up to ~5 s; TurnClosed when
         the log refuses because the turn is closed."""
         batch = [NewEvent(t, d) for t, d in events]
-        delay = 0.1
-        for _ in range(8):
+        try:
+            return await self._patiently(self.store.append, turn.principal, turn.conversation_id, batch)
+        except InvalidEvent as exc:
+            if exc.details.get("rule") in ("needs_open_turn", "needs_started_call"):
+                raise TurnClosed(exc.message) from None
+            raise
+
+    async def _patiently(self, call, *args):
+        """`call(*args)`, again while the store is unavailable (a 503 wrote
+        nothing: store/errors.py), for up to PATIENCE_SECONDS: a burst that
+        exhausts the pool delays a turn, it does not fail it. A write whose
+        outcome is unknown is not repeated."""
+        deadline = time.monotonic() + PATIENCE_SECONDS
+        delay = 0.05
+        while True:
             try:
-                return await self.store.append(turn.principal, turn.conversation_id, batch)
-            except InvalidEvent as exc:
-                if exc.details.get("rule") in ("needs_open_turn", "needs_started_call"):
-                    raise TurnClosed(exc.message) from None
-                raise
+                return await call(*args)
             except OutcomeUnknown:
                 raise
             except Unavailable as exc:
-                log.warning("runner: append for turn %s failed (%s); retrying", turn.turn_id, exc.message)
-                await asyncio.sleep(delay)
+                if time.monotonic() > deadline or self.closing and call is not self.store.append:
+                    raise
+                log.info("runner: %s: %s; trying again", getattr(call, "__name__", call), exc.message)
+                await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
-        return await self.store.append(turn.principal, turn.conversation_id, batch)
 
     def _recorder(self, turn: _Turn) -> Recorder:
         return Recorder(lambda events: self._append(turn, events), self.settings.runner_flush_ms / 1000,
@@ -448,8 +460,8 @@ class Runner:
     async def _drive(self, turn: _Turn) -> None:
         try:
             async with self.slots:
-                if turn.stop_reason is None:
-                    await self.turns.set_status(*turn.key, "running", only_from=("starting",))
+                if turn.stop_reason is None and turn.waited:
+                    await self._patiently(self.turns.set_status, *turn.key, "running", None, ("starting",))
                 await self._run(turn)
         except TurnClosed:
             pass
@@ -465,9 +477,8 @@ class Runner:
             self.running.pop(turn.key, None)
             if turn.stop_reason != "fenced":
                 try:
-                    await self.turns.set_status(*turn.key, "ended", only_from=LIVE)
-                    await self.turns.notify("queued")  # the conversation's next request may start
-                except Exception as exc:  # noqa: BLE001
+                    await self._patiently(self.turns.end, *turn.key)
+                except Exception as exc:  # noqa: BLE001 -- the sweep ends it when this process is gone
                     log.warning("runner: could not record the end of turn %s: %s", turn.turn_id, exc)
             self.kick()
 
@@ -487,7 +498,7 @@ class Runner:
                     await self._interrupted(turn)
                 return
             step += 1
-            projection = await self.store.messages(turn.principal, turn.conversation_id, "openai")
+            projection = await self._patiently(self.store.messages, turn.principal, turn.conversation_id, "openai")
             at_seq, messages = projection["seq"], projection["messages"]
             try:
                 body = request_body(model, messages, request.get("tools"), request.get("tool_choice"),
@@ -531,7 +542,7 @@ class Runner:
             if not outcome.tool_calls or step >= max_steps:
                 await self._append(turn, [turn_finished(turn.turn_id, outcome, usage)])
                 return
-            await self.turns.set_status(*turn.key, "waiting_for_tools", only_from=("running",))
+            await self._patiently(self.turns.set_status, *turn.key, "waiting_for_tools", None, ("running",))
             calls = [c.tool_call_id for c in outcome.tool_calls]
             turn.waiting = asyncio.create_task(self._results(turn, calls, last_seq))
             if turn.stop_reason is not None:
@@ -545,9 +556,9 @@ class Runner:
             results = task.result()
             pending = [c for c in calls if results[c] == "pending"]
             if pending:
-                await self.turns.continue_after(turn.principal, turn.conversation_id, turn.turn_id, step, pending,
-                                                _continuation(request))
-            await self.turns.set_status(*turn.key, "running", only_from=("waiting_for_tools",))
+                await self._patiently(self.turns.continue_after, turn.principal, turn.conversation_id, turn.turn_id,
+                                      step, pending, _continuation(request))
+            await self._patiently(self.turns.set_status, *turn.key, "running", None, ("waiting_for_tools",))
 
     async def _stream(self, raw: bytes, translator: StepTranslator, recorder: Recorder):
         async for chunk in self.upstream.stream(raw):

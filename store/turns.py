@@ -26,7 +26,7 @@ CHANNEL = "chatlog_turns"
 LIVE = ("starting", "running", "waiting_for_tools")
 
 _CLAIM = """
-UPDATE turn_runs t SET status = 'starting', owner = $1
+UPDATE turn_runs t SET status = 'running', owner = $1
   FROM (SELECT q.principal, q.conversation_id, q.turn_id
           FROM turn_runs q
           JOIN conversations c ON c.principal = q.principal AND c.id = q.conversation_id
@@ -122,9 +122,22 @@ class Turns:
         return result != "UPDATE 0"
 
     async def requeue(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> None:
+        """A claimed request that could not begin goes back to the queue, in its place."""
         await self.pool.execute(
             """UPDATE turn_runs SET status = 'queued', owner = NULL
-                WHERE principal = $1 AND conversation_id = $2 AND turn_id = $3 AND status = 'starting'""",
+                WHERE principal = $1 AND conversation_id = $2 AND turn_id = $3 AND status IN ('starting', 'running')""",
+            principal, conversation_id, turn_id)
+
+    async def end(self, principal: str, conversation_id: uuid.UUID, turn_id: str) -> None:
+        """The turn is closed in the log: so is its run; processes are told when
+        the conversation's next request may start (one statement)."""
+        await self.pool.execute(
+            f"""WITH ended AS (
+                    UPDATE turn_runs SET status = 'ended'
+                     WHERE principal = $1 AND conversation_id = $2 AND turn_id = $3 AND status IN {LIVE})
+                SELECT pg_notify('{CHANNEL}', 'queued')
+                 WHERE EXISTS (SELECT 1 FROM turn_runs WHERE principal = $1 AND conversation_id = $2
+                                                         AND status = 'queued')""",
             principal, conversation_id, turn_id)
 
     async def first_waiting(self, principal: str, conversation_id: uuid.UUID) -> str | None:
