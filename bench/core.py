@@ -78,7 +78,10 @@ class Bench:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "chatlog"), "serve", "--host", "127.0.0.1", "--port", str(port),
              "--workers", str(workers)],
-            env={**os.environ, "DATABASE_URL": database_url, "CHATLOG_LOG_LEVEL": "warning", **env},
+            # a quick run is a smoke test that may share PostgreSQL's max_connections
+            # with a test session: its servers keep small pools (4 workers x 4)
+            env={**os.environ, "DATABASE_URL": database_url, "CHATLOG_LOG_LEVEL": "warning",
+                 **({"CHATLOG_POOL_SIZE": "4"} if self.quick else {}), **env},
             stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         self._servers[url] = proc.pid
