@@ -69,8 +69,8 @@ class FoldReader:
             # another reader may have advanced it while we awaited
             if cached["seq"] == start:
                 return self._fold(key, cached, tail)
-        state = await self._snapshot_before(key, seq)
-        state = self._fold(key, state, await self._events(key, state["seq"], seq))
+        state, tail = await self._snapshot_and_tail(key, seq)
+        state = self._fold(key, state, tail)
         current = self._latest.get(key)
         if current is None or current["seq"] < seq:
             self._latest[key] = state
@@ -115,19 +115,28 @@ class FoldReader:
         except Exception as exc:  # derived data: a lost snapshot only costs a longer fold later
             log.warning("could not save %d %s rows: %r", len(snapshots), self._fold_def.table, exc)
 
-    async def _snapshot_before(self, key: tuple[str, uuid.UUID], seq: int) -> dict:
+    async def _snapshot_and_tail(self, key: tuple[str, uuid.UUID], seq: int) -> tuple[dict, list[dict]]:
+        """The nearest snapshot at or before `seq` and the events after it up to
+        `seq`, in one statement (one round trip, one snapshot of the data)."""
         fold = self._fold_def
-        row = await self._pool.fetchrow(
-            f"""SELECT seq, state FROM {fold.table}
-                 WHERE principal = $1 AND conversation_id = $2 AND version = $4 AND seq <= $3
-                 ORDER BY seq DESC LIMIT 1""",
+        rows = await self._pool.fetch(
+            f"""WITH s AS MATERIALIZED (
+                    SELECT seq, state FROM {fold.table}
+                     WHERE principal = $1 AND conversation_id = $2 AND version = $4 AND seq <= $3
+                     ORDER BY seq DESC LIMIT 1)
+                SELECT NULL::int AS seq, NULL::text AS type, NULL::jsonb AS data, s.state FROM s
+                UNION ALL
+                SELECT e.seq, e.type, e.data, NULL FROM events e
+                 WHERE e.principal = $1 AND e.conversation_id = $2 AND e.seq <= $3
+                   AND e.seq > coalesce((SELECT seq FROM s), 0)
+                ORDER BY 1 NULLS FIRST""",
             *key, seq, fold.version)
-        if row is not None:
+        if rows and rows[0]["seq"] is None:
             try:
-                return fold.loads(row["state"])
-            except ValueError:
-                pass
-        return fold.initial()
+                return fold.loads(rows[0]["state"]), [_event(r) for r in rows[1:]]
+            except ValueError:  # unreadable: fold from the start instead
+                return fold.initial(), await self._events(key, 0, seq)
+        return fold.initial(), [_event(r) for r in rows]
 
     async def _events(self, key: tuple[str, uuid.UUID], after: int, upto: int) -> list[dict]:
         # the fold reads only seq, type and data
@@ -135,4 +144,9 @@ class FoldReader:
             """SELECT seq, type, data FROM events
                 WHERE principal = $1 AND conversation_id = $2 AND seq > $3 AND seq <= $4 ORDER BY seq""",
             *key, after, upto)
-        return [dict(r) for r in rows]
+        return [_event(r) for r in rows]
+
+
+def _event(row) -> dict:
+    # the fold reads only seq, type and data
+    return {"seq": row["seq"], "type": row["type"], "data": row["data"]}
