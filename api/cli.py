@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     fake.set_defaults(func=fake_upstream)
     mig = commands.add_parser("migrate", help="apply migrations to DATABASE_URL")
     mig.set_defaults(func=migrate)
-    ben = commands.add_parser("bench", help="measure chatlog side by side with its baselines (bench/README.md)",
-                              add_help=False)
+    commands.add_parser("bench", help="measure chatlog side by side with its baselines (bench/README.md)",
+                           add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":  # its own options live in bench/cli.py (an extra: pip install 'chatlog[bench]')
         from bench.cli import main as bench_main

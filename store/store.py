@@ -17,7 +17,7 @@ import orjson
 import domain
 import projections
 from store import feed
-from store.rows import EVENT_COLUMNS as _EVENT_COLUMNS, conversation_dict, event_dict
+from store.rows import conversation_dict
 from store.errors import ConversationExists, NotFound, OutOfRange
 from store.folds import HISTORY, UI, FoldReader
 from store.listener import Listener
@@ -219,19 +219,8 @@ class Store:
     async def read_events(self, principal: str, conversation_id: uuid.UUID, after: int = 0,
                           limit: int = 1000) -> tuple[list[dict], int]:
         """Events with seq > after (at most `limit`), and the conversation's current seq."""
-        rows = await self.pool.fetch(
-            f"""SELECT c.seq AS current_seq, e.* FROM conversations c
-                LEFT JOIN LATERAL (
-                    SELECT {_EVENT_COLUMNS} FROM events
-                     WHERE principal = c.principal AND conversation_id = c.id AND seq > $3
-                     ORDER BY seq LIMIT $4) e ON true
-                WHERE c.id = $1 AND c.principal = $2""",
-            conversation_id, principal, after, limit,
-        )
-        if not rows:
-            raise NotFound(f"conversation {conversation_id} was not found")
-        current = rows[0]["current_seq"]
-        return [event_dict(r) for r in rows if r["seq"] is not None], current
+        current, events = await self.stream_start(principal, conversation_id, after, limit)
+        return events, current
 
     async def resolve(self, principal: str, conversation_id: uuid.UUID, at_seq: int | None,
                       at_time: datetime | None) -> int:

@@ -41,6 +41,7 @@ from typing import AsyncIterator, Callable
 import httpx
 import pytest
 
+from bench.sse import Dechunker  # HTTP/1.1 chunked decoding, shared with the bench's raw clients
 from tests.helpers import Comment, Frame, Item, SSEParser, bearer, eventually
 
 CHATLOG = Path(sys.executable).parent / "chatlog"
@@ -331,32 +332,6 @@ async def open_sse(client: httpx.AsyncClient, url: str, *, last_event_id: str | 
         yield SSEStream(response, last_event_id)
 
 
-class _Dechunker:
-    """HTTP/1.1 chunked transfer decoding, incremental."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.size: int | None = None  # of the chunk being read; None: at a size line
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        buffer, pos, out = self.buffer + data, 0, []
-        while not self.done:
-            if self.size is None:
-                end = buffer.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                self.size, pos = int(buffer[pos:end].split(b";")[0], 16), end + 2
-                self.done = self.size == 0
-            elif len(buffer) - pos >= self.size + 2:
-                out.append(buffer[pos:pos + self.size])
-                pos, self.size = pos + self.size + 2, None
-            else:
-                break
-        self.buffer = buffer[pos:]
-        return b"".join(out)
-
-
 class RawSSE:
     """An SSE GET over a bare socket, for many streams at once and for rude
     clients: hang up with FIN or RST at any point, or stop reading altogether
@@ -391,7 +366,7 @@ class RawSSE:
         lines = raw.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split()[1])
         if any(line.lower() == "transfer-encoding: chunked" for line in lines[1:]):
-            self._body = _Dechunker().feed
+            self._body = Dechunker().feed
         return self.status
 
     async def items(self) -> AsyncIterator[Item]:
