@@ -46,7 +46,9 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
     finally:
         await listener.close()
     assert all(mine == list(range(3, 13)) for mine in received)
-    assert len(reads) == 10, f"{len(reads)} store reads for 10 wake-ups of 50 readers"
+    # one read per wake-up, whatever the number of readers (per reader it would be 500); the
+    # once-a-second sweep racing a notification on a busy machine may add one now and then
+    assert 10 <= len(reads) < 20, f"{len(reads)} store reads for 10 wake-ups of 50 readers"
     assert listener.tails == {}, "the tail outlived its readers"
 
 
