@@ -80,9 +80,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         access = logging.getLogger("uvicorn.access")
         if redact_tokens not in access.filters:  # once per process, however many apps start
             access.addFilter(redact_tokens)
-        # the turn runner: its own LISTEN connection, lease and sweeps (runner/runner.py)
-        listener = app.state.store.listener
-        app.state.runner = Runner(app.state.store, settings, listener._dsn if listener is not None else None)
+        # the turn runner: its lease, sweeps and signals (runner/runner.py)
+        app.state.runner = Runner(app.state.store, settings)
         await app.state.runner.open()
         if settings.upstream_base_url is None:
             log.info("no upstream model configured (CHATLOG_UPSTREAM_BASE_URL): POST /turns answers 503 no_upstream")

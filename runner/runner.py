@@ -57,12 +57,13 @@ import orjson
 import domain
 from runner.chunks import (StepTranslator, add_usage, encode, model_requested, rebuild_body, request_body,
                            sha256_hex, turn_failed, turn_finished)
+from runner.recorder import Recorder
 from runner.upstream import Upstream, UpstreamError
 from store import Store
 from store.appends import NewEvent
 from store.errors import InvalidEvent, NotFound, OutcomeUnknown, Unavailable
 from store.rows import rfc3339
-from store.turns import TurnSignals, Turns
+from store.turns import CHANNEL, Turns
 
 log = logging.getLogger("chatlog.runner")
 
@@ -87,65 +88,6 @@ class TurnClosed(Exception):
     closed as interrupted by another process): stop, write nothing more."""
 
 
-class Recorder:
-    """One turn's events on their way to the log: batched, appended in order,
-    one append in flight at a time. `add` never waits."""
-
-    def __init__(self, append, flush_seconds: float, flush_events: int) -> None:
-        self._append = append
-        self.flush_seconds = flush_seconds
-        self.flush_events = flush_events
-        self.pending: list[tuple[str, dict]] = []
-        self.last_seq = 0
-        self.error: BaseException | None = None
-        self._has = asyncio.Event()
-        self._full = asyncio.Event()
-        self._closing = False
-        self._task = asyncio.create_task(self._run())
-
-    def add(self, events: list[tuple[str, dict]]) -> None:
-        if self.error is not None:
-            raise self.error
-        if events:
-            self.pending.extend(events)
-            self._has.set()
-            if len(self.pending) >= self.flush_events:
-                self._full.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._has.wait()
-            if not self._closing and len(self.pending) < self.flush_events:
-                try:
-                    await asyncio.wait_for(self._full.wait(), self.flush_seconds)
-                except TimeoutError:
-                    pass
-            batch, self.pending = self.pending, []
-            self._has.clear()
-            self._full.clear()
-            if batch:
-                try:
-                    self.last_seq = (await self._append(batch)).last_seq
-                except BaseException as exc:
-                    self.error = exc
-                    return
-            if self._closing and not self.pending:
-                return
-
-    async def close(self) -> int:
-        """Append what is left; the seq of the last event written. Raises what an append raised."""
-        self._closing = True
-        self._has.set()
-        self._full.set()
-        await asyncio.wait({self._task})
-        if self.error is not None:
-            raise self.error
-        return self.last_seq
-
-    def discard(self) -> None:
-        self._task.cancel()
-
-
 class _Turn:
     def __init__(self, run: dict) -> None:
         self.principal: str = run["principal"]
@@ -155,6 +97,7 @@ class _Turn:
         self.stop_reason: str | None = None  # "cancelled" | "shutdown" | "fenced"
         self.waiting: asyncio.Task | None = None  # the upstream stream or the wait for results
         self.waited = False  # began while every slot was taken: its status says queued until one frees
+        self.holding = False  # holds one of the runner's slots (not while it waits for tool results)
 
     @property
     def key(self) -> tuple[str, uuid.UUID, str]:
@@ -172,7 +115,7 @@ def _continuation(request: dict) -> dict:
 
 
 class Runner:
-    def __init__(self, store: Store, settings: Any, dsn: str | None) -> None:
+    def __init__(self, store: Store, settings: Any) -> None:
         self.store = store
         self.settings = settings
         self.turns = Turns(store.pool)
@@ -183,10 +126,12 @@ class Runner:
         self.slots = asyncio.Semaphore(settings.runner_concurrency)
         self.free = settings.runner_concurrency
         self.running: dict[tuple, _Turn] = {}
+        self.beginning: set[tuple] = set()  # claimed or inserted here, message and turn.started on their way
+        self.starting = 0  # claims and starts under way
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
-        self.signals = TurnSignals(dsn, self._on_signal, self.kick) if dsn else None
         self._beat: asyncio.Task | None = None
+        self._unlisten = None
         self._claiming: asyncio.Task | None = None
         self._renewed = time.monotonic()
 
@@ -197,8 +142,8 @@ class Runner:
             await self.turns.heartbeat(self.id, self.settings.runner_lease_ttl_seconds)
         except Unavailable as exc:
             log.warning("runner: first heartbeat failed (%s); retrying in the background", exc)
-        if self.signals is not None:
-            self.signals.start()
+        if self.store.listener is not None:  # cancels and queued requests, from every process
+            self._unlisten = await self.store.listener.listen(CHANNEL, self._on_signal, self.kick)
         self._beat = asyncio.create_task(self._beat_loop(), name="chatlog-runner-beat")
 
     def begin_shutdown(self) -> None:
@@ -217,8 +162,8 @@ class Runner:
                 task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
-        if self.signals is not None:
-            await self.signals.close()
+        if self._unlisten is not None:
+            await self._unlisten()
         try:
             await self.turns.retire(self.id)
         except Exception:  # noqa: BLE001 -- shutting down: the lease expires by itself
@@ -247,10 +192,14 @@ class Runner:
             self.kick()
 
     async def _sweep(self) -> None:
-        """Close the turns of dead processes; requeue what they had claimed but not begun."""
-        for run in await self.turns.orphans():
+        """Close the turns of dead processes; requeue what they had claimed but
+        not begun. Our own runs that no task drives (their end could not be
+        recorded while the store was away) are settled the same way."""
+        # (not while a claim or start is under way here: its row exists before its key is tracked)
+        ours = [] if self.starting else [r for r in await self.turns.live_of(self.id) if self._untracked(r)]
+        for run in ours + await self.turns.orphans():
             key = (run["principal"], run["conversation_id"], run["turn_id"])
-            if run["owner"] == self.id and key in self.running:
+            if run["owner"] == self.id and not self._untracked(run):
                 continue
             p, cid, turn_id = key
             try:
@@ -270,6 +219,10 @@ class Runner:
                     pass  # closed meanwhile
             await self.turns.end(p, cid, turn_id)
         await self.turns.forget_dead(self.settings.runner_lease_ttl_seconds)
+
+    def _untracked(self, run: dict) -> bool:
+        key = (run["principal"], run["conversation_id"], run["turn_id"])
+        return key not in self.running and key not in self.beginning
 
     def _on_signal(self, payload: str) -> None:
         if payload == "queued":
@@ -294,6 +247,13 @@ class Runner:
             self._claiming = asyncio.create_task(self._claim(), name="chatlog-runner-claim")
 
     async def _claim(self) -> None:
+        self.starting += 1
+        try:
+            await self._claim_while_free()
+        finally:
+            self.starting -= 1
+
+    async def _claim_while_free(self) -> None:
         while not self.closing and self.free > 0:
             try:
                 run = await self.turns.claim(self.id)
@@ -309,18 +269,36 @@ class Runner:
                 log.info("runner: queued turn %s waits: %s", turn.turn_id, exc.message)
                 await self.turns.requeue(*turn.key)
                 return
-            except Exception as exc:  # noqa: BLE001
+            except Unavailable as exc:
                 log.warning("runner: beginning queued turn %s failed: %s", turn.turn_id, exc)
-                await self.turns.requeue(*turn.key)
+                if isinstance(exc, OutcomeUnknown):
+                    self._spawn(turn)  # it may have begun: run it (a first append refused ends it)
+                else:
+                    await self.turns.requeue(*turn.key)
                 return
             self._spawn(turn)
 
     # -- starting, cancelling -------------------------------------------------------------
 
     async def start(self, principal: str, conversation_id: uuid.UUID, request: dict) -> tuple[str, str, bool]:
-        """Start (or enqueue) a turn: (turn_id, status, created). The message and
-        turn.started are committed before it returns, unless the turn was queued.
-        Raises NoUpstream, TurnRunning, NotFound."""
+        """Start (or enqueue) a turn: (turn_id, status, created).
+
+        `request` is POST /turns' body as plain JSON (api/routes/turns.py
+        StartTurn, validated): `message` ({"role": "user", "content", "name"?}),
+        `request_id`, `model`, `tools`, `tool_choice`, `max_steps`, `params`,
+        `if_running` ("reject" | "interrupt" | "enqueue"); all optional.
+        `status` is "running", or "queued" (enqueued, or waiting for a free
+        slot); `created` is False when `request_id` named an existing turn.
+        The message and turn.started are committed before it returns, unless
+        the request was enqueued. Raises NotFound, NoUpstream, TurnRunning
+        (another turn is open and `if_running` is "reject"), InvalidEvent."""
+        self.starting += 1
+        try:
+            return await self._start(principal, conversation_id, request)
+        finally:
+            self.starting -= 1
+
+    async def _start(self, principal: str, conversation_id: uuid.UUID, request: dict) -> tuple[str, str, bool]:
         conversation = await self.store.get_conversation(principal, conversation_id)  # 404 first, for anyone
         if self.upstream is None:
             raise NoUpstream(NoUpstream.message)
@@ -356,8 +334,14 @@ class Runner:
                 current = await self.store.get_conversation(principal, conversation_id)
                 raise TurnRunning(current["open_turn_id"] or "unknown") from None
             raise
-        except BaseException:
-            await self.turns.remove(principal, conversation_id, turn_id)
+        except BaseException as exc:
+            if isinstance(exc, Unavailable) and not isinstance(exc, OutcomeUnknown):  # wrote nothing
+                await self.turns.remove(principal, conversation_id, turn_id)
+            else:
+                # the begin may have committed (its outcome is unknown, or this request was
+                # cancelled while the writer went on): run it; if it did not, its first
+                # append is refused (no open turn) and it ends there
+                self._spawn(turn)
             raise
         waits = self.free <= 0
         self._spawn(turn)
@@ -366,6 +350,13 @@ class Runner:
     async def _begin(self, turn: _Turn) -> None:
         """The message (if any) and turn.started, with ids made from the turn id,
         so writing them again (a re-claimed request) is an idempotent retry."""
+        self.beginning.add(turn.key)
+        try:
+            await self._write_begin(turn)
+        finally:
+            self.beginning.discard(turn.key)
+
+    async def _write_begin(self, turn: _Turn) -> None:
         request = turn.request
         events = []
         message = request.get("message")
@@ -423,9 +414,8 @@ class Runner:
     # -- one turn -----------------------------------------------------------------------
 
     async def _append(self, turn: _Turn, events: list[tuple[str, dict]]):
-        """Append `events` to the turn's conversation. Retries while the store
-        is unavailable (a 503 wrote nothing) for up to ~5 s; TurnClosed when
-        the log refuses because the turn is closed."""
+        """Append `events` to the turn's conversation (patiently); TurnClosed
+        when the log refuses because the turn is closed."""
         batch = [NewEvent(t, d) for t, d in events]
         try:
             return await self._patiently(self.store.append, turn.principal, turn.conversation_id, batch)
@@ -447,7 +437,7 @@ class Runner:
             except OutcomeUnknown:
                 raise
             except Unavailable as exc:
-                if time.monotonic() > deadline or self.closing and call is not self.store.append:
+                if time.monotonic() > deadline:
                     raise
                 log.info("runner: %s: %s; trying again", getattr(call, "__name__", call), exc.message)
                 await asyncio.sleep(delay * (0.5 + random.random()))
@@ -459,10 +449,10 @@ class Runner:
 
     async def _drive(self, turn: _Turn) -> None:
         try:
-            async with self.slots:
-                if turn.stop_reason is None and turn.waited:
-                    await self._patiently(self.turns.set_status, *turn.key, "running", None, ("starting",))
-                await self._run(turn)
+            await self._take_slot(turn)
+            if turn.stop_reason is None and turn.waited:
+                await self._patiently(self.turns.set_status, *turn.key, "running", None, ("starting",))
+            await self._run(turn)
         except TurnClosed:
             pass
         except Exception as exc:  # noqa: BLE001 -- a turn never stays open because of a bug
@@ -473,6 +463,7 @@ class Runner:
                 except Exception:  # noqa: BLE001
                     pass
         finally:
+            self._give_slot(turn)
             self.free += 1
             self.running.pop(turn.key, None)
             if turn.stop_reason != "fenced":
@@ -481,6 +472,15 @@ class Runner:
                 except Exception as exc:  # noqa: BLE001 -- the sweep ends it when this process is gone
                     log.warning("runner: could not record the end of turn %s: %s", turn.turn_id, exc)
             self.kick()
+
+    async def _take_slot(self, turn: _Turn) -> None:
+        await self.slots.acquire()
+        turn.holding = True
+
+    def _give_slot(self, turn: _Turn) -> None:
+        if turn.holding:
+            turn.holding = False
+            self.slots.release()
 
     async def _interrupted(self, turn: _Turn) -> None:
         await self._append(turn, [turn_failed(turn.turn_id, {
@@ -547,7 +547,14 @@ class Runner:
             turn.waiting = asyncio.create_task(self._results(turn, calls, last_seq))
             if turn.stop_reason is not None:
                 turn.waiting.cancel()
+            # a turn waiting for tools (a person's approval may take days) calls no model: its slot
+            # goes to another turn meanwhile, and it takes one back before its next step
+            self._give_slot(turn)
+            self.free += 1
+            self.kick()
             await asyncio.wait({turn.waiting})
+            self.free -= 1
+            await self._take_slot(turn)
             task, turn.waiting = turn.waiting, None
             if task.cancelled() or turn.stop_reason is not None or task.result() is None:
                 if turn.stop_reason in (None, "shutdown"):  # None: the listener closed (shutting down)
@@ -561,8 +568,10 @@ class Runner:
             await self._patiently(self.turns.set_status, *turn.key, "running", None, ("waiting_for_tools",))
 
     async def _stream(self, raw: bytes, translator: StepTranslator, recorder: Recorder):
-        async for chunk in self.upstream.stream(raw):
-            recorder.add(translator.feed(chunk))
+        # aclosing: whatever ends the loop (a refused append included) closes the upstream request now
+        async with aclosing(self.upstream.stream(raw)) as chunks:
+            async for chunk in chunks:
+                recorder.add(translator.feed(chunk))
         closing, outcome = translator.finish()
         recorder.add(closing)
         return outcome

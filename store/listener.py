@@ -221,11 +221,39 @@ class Listener:
         self._healthy_at = time.monotonic()  # when the last sweep that succeeded began
         self.closing = False  # set by end_streams(): every follow() returns
         self.reconnects = 0
+        # other channels carried by this one connection: [(channel, its asyncpg callback, on_connect)]
+        self._channels: list[tuple[str, Callable, Callable[[], None]]] = []
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="chatlog-listener")
         self._sweeper = asyncio.create_task(self._sweep(), name="chatlog-sweep")
         await asyncio.wait_for(self._connected.wait(), 30)
+
+    async def listen(self, channel: str, on_payload: Callable[[str], None],
+                     on_connect: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Deliver `channel`'s notifications too (the runner's `chatlog_turns`):
+        one LISTEN connection per process, whoever listens. `on_connect` runs
+        after every (re)connect, when notifications may have been missed.
+        Returns the coroutine function that stops it."""
+        entry = (channel, lambda _conn, _pid, _channel, payload: on_payload(payload), on_connect)
+        self._channels.append(entry)
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.add_listener(channel, entry[1])
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                # its next (re)connect adds it; meanwhile the listener's user relies on its own sweeps
+                log.warning("cannot LISTEN on %s now (%r)", channel, exc)
+
+        async def stop() -> None:
+            if entry in self._channels:
+                self._channels.remove(entry)
+            if self._conn is not None and not self._conn.is_closed():
+                try:
+                    await self._conn.remove_listener(channel, entry[1])
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    pass
+        return stop
 
     def end_streams(self) -> None:
         """Shutting down: every live reader's follow() returns now, and new ones at once."""
@@ -291,6 +319,8 @@ class Listener:
                                              server_settings={"application_name": APPLICATION_NAME})
                 conn.add_termination_listener(lambda _: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                for channel, deliver, _ in list(self._channels):
+                    await conn.add_listener(channel, deliver)
                 self._conn, delay = conn, 0.1
                 if self._connected.is_set():
                     self.reconnects += 1
@@ -298,6 +328,8 @@ class Listener:
                 self._connected.set()
                 for tail in self.tails.values():
                     tail.refresh()
+                for _, _, on_connect in list(self._channels):
+                    on_connect()
                 await self._watch(conn, lost)
             except asyncio.CancelledError:
                 if self._conn is not None:

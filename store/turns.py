@@ -2,19 +2,18 @@
 leases, continuations, and the reads behind GET /turns/{turn_id}.
 
 Writes to the log itself still go through `Store.append` (group commit); this
-module only keeps the runner's bookkeeping beside it. `TurnSignals` is the
-runner's own LISTEN connection (channel `chatlog_turns`): "a request was
-queued" and "turn X was cancelled" reach every process at once. A lost
-notification only delays: the runner's sweep claims the queue every few
-seconds, and a cancelled turn's next append is refused by the log's rules.
+module only keeps the runner's bookkeeping beside it. Its notifications
+(channel `chatlog_turns`: "a request was queued", "turn X was cancelled")
+reach every process over the listener's one LISTEN connection
+(store/listener.py `Listener.listen`). A lost notification only delays: the
+runner's sweep claims the queue every few seconds, and a cancelled turn's next
+append is refused by the log's rules.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from typing import Any, Callable
 
 import asyncpg
 
@@ -75,6 +74,10 @@ class Turns:
         owner has no row counts as orphaned all the same."""
         await self.pool.execute("DELETE FROM runners WHERE lease_until < clock_timestamp() - make_interval(secs => $1)",
                                 ttl * 10)
+
+    async def live_of(self, owner: str) -> list[dict]:
+        return [run_dict(r) for r in await self.pool.fetch(
+            f"SELECT * FROM turn_runs WHERE owner = $1 AND status IN {LIVE} LIMIT 1000", owner)]
 
     async def orphans(self) -> list[dict]:
         """Live turns whose process is dead (its lease passed)."""
@@ -200,47 +203,3 @@ class Turns:
                 ORDER BY seq""",
             principal, conversation_id, start, end)
         return [dict(r) for r in rows]
-
-
-class TurnSignals:
-    """A LISTEN connection of the runner's own on `chatlog_turns`; calls
-    `on_payload(text)` for each notification, reconnecting while it runs."""
-
-    def __init__(self, dsn: str, on_payload: Callable[[str], Any], on_reconnect: Callable[[], Any]) -> None:
-        self.dsn = dsn
-        self.on_payload = on_payload
-        self.on_reconnect = on_reconnect
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="chatlog-turn-signals")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-
-    async def _run(self) -> None:
-        delay = 0.2
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5, server_settings={"application_name": "chatlog-runner"})
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
-                await conn.add_listener(CHANNEL, lambda _c, _p, _ch, payload: self.on_payload(payload))
-                delay = 0.2
-                self.on_reconnect()  # anything sent while it was away is picked up by a sweep now
-                await lost.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- keep listening whatever happened
-                log.warning("turn signals: %s; reconnecting in %.1fs", exc, delay)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)

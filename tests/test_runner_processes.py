@@ -64,6 +64,18 @@ async def test_cancel_from_the_other_process_stops_the_upstream(pair, fake):
     await assert_projection_is_what_the_model_saw_then_partly_said(b, cid, fake, events)
 
 
+async def test_cancel_reaches_a_stalled_upstream_call_on_the_other_process(pair, fake):
+    """No chunk arrives, so no append would find the turn closed: the signal stops it."""
+    _, (a, b) = pair
+    cid = await new_chat(a)
+    turn = await start(a, cid, "[fake:long 50] [fake:stall after 5]")
+    await eventually(lambda: _has_text(b, cid), "the first words to be recorded")
+    r = await b.post(f"/v1/conversations/{cid}/turns/{turn['turn_id']}/cancel")
+    assert r.status_code == 202, r.text
+    await fake.wait_for(lambda q: q.outcome == "client_closed", timeout=5)  # the upstream timeout is 120 s
+    await until_status(a, cid, turn["turn_id"], "cancelled")
+
+
 async def _has_text(client, cid: str) -> bool:
     return any(e["type"] == "text.delta" for e in await first_page(client, cid))
 

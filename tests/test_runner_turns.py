@@ -153,6 +153,16 @@ async def result(client, cid: str, call_id: str, content, status: str = "ok", id
     return await client.post(f"/v1/conversations/{cid}/events", json={"events": [event]})
 
 
+async def test_deltas_are_committed_in_batches_not_one_transaction_per_chunk(chat, fake, store):
+    cid = await new_chat(chat)
+    turn = await start(chat, cid, "[fake:long 300]")
+    await until_status(chat, cid, turn["turn_id"], "finished")
+    events = [e for e in (await stored_events(chat, cid)).values() if e["type"] == "text.delta"]
+    assert len(events) == 300
+    transactions = {e["position"] >> 16 for e in events}  # store/positions.py: the writing transaction's xid
+    assert len(transactions) < 100, f"{len(transactions)} transactions for 300 deltas"
+
+
 async def test_reasoning_is_recorded_as_reasoning_deltas(chat, fake):
     cid = await new_chat(chat)
     turn = await start(chat, cid, "think [fake:reasoning] [fake:say Done.]")
@@ -399,3 +409,15 @@ async def test_an_unknown_turn_is_404_and_a_bad_request_is_422(chat):
         r = await chat.post(f"/v1/conversations/{cid}/turns", json=body)
         assert r.status_code == 422, (body, r.text)
     assert (await chat.get(f"/v1/conversations/{cid}")).json()["seq"] == 1  # nothing written
+
+
+async def test_a_turn_waiting_for_tools_leaves_its_slot_to_others(narrow, fake):
+    waiting, other = await new_chat(narrow), await new_chat(narrow)
+    first = await start(narrow, waiting, "[fake:tools weather]", tools=TOOLS)
+    await until_status(narrow, waiting, first["turn_id"], "waiting_for_tools")
+    second = await start(narrow, other, "[fake:say Not blocked.]")
+    assert second["status"] == "running"  # the only slot was free
+    await until_status(narrow, other, second["turn_id"], "finished")
+    [call] = await calls_of(narrow, waiting, first["turn_id"])
+    assert (await result(narrow, waiting, call, {"temp_c": 9})).status_code == 201
+    await until_status(narrow, waiting, first["turn_id"], "finished")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Request
 from pydantic import Field, JsonValue
 
 from api.bodies import Body, parse
@@ -19,6 +19,7 @@ from api.responses import JSONResponse
 from api.routes import stream as stream_routes
 from runner.chunks import RESERVED_PARAMS
 from runner.runner import NoUpstream, Runner, TurnRunning
+from store.errors import NotFound
 
 router = APIRouter(prefix="/v1/conversations", tags=["turns"])
 
@@ -45,7 +46,7 @@ def runner_of(request: Request) -> Runner:
     if state.runner is None:
         # an app whose lifespan did not run (tests on an ASGI transport): a
         # runner without lease or signals, enough to read and cancel turns
-        state.runner = Runner(state.store, state.settings, None)
+        state.runner = Runner(state.store, state.settings)
     return state.runner
 
 
@@ -75,9 +76,12 @@ async def start_turn(request: Request, principal: PrincipalDep, conversation_id:
     except TurnRunning as exc:
         raise ApiError(409, "turn_running", str(exc), turn_id=exc.turn_id) from None
     stream_url = f"/v1/conversations/{conversation_id}/turns/{turn_id}/stream"
-    if accept and "text/event-stream" in accept and status != "queued":
-        return await stream_routes.turn_stream(principal, conversation_id, turn_id, store, settings, None, format,
-                                               True, request.headers.get("last-event-id"))
+    if accept and "text/event-stream" in accept:
+        try:
+            return await stream_routes.turn_stream(principal, conversation_id, turn_id, store, settings, None, format,
+                                                   True, request.headers.get("last-event-id"))
+        except NotFound:
+            pass  # enqueued: nothing to stream yet, the answer says where it will be
     return JSONResponse({"turn_id": turn_id, "stream_url": stream_url, "status": status},
                         status_code=202 if created else 200)
 
