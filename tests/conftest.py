@@ -12,6 +12,7 @@ pytest.register_assert_rewrite("tests.helpers", "tests.uisdk")
 
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
+from runner.fake_upstream import FakeUpstream  # noqa: E402
 from store import Store  # noqa: E402
 from tests.helpers import Ledger, asgi_client, bearer  # noqa: E402
 from tests.pg import TestServer  # noqa: E402
@@ -86,3 +87,12 @@ def bob(make_client, keys, api_keys):
 def ledger(store, principal) -> Ledger:
     """What the store holds for this test's alice and bob, to show a request wrote nothing."""
     return Ledger(store, [f"alice-{principal}", f"bob-{principal}"])
+
+
+@pytest.fixture
+async def fake():
+    """A scripted OpenAI-compatible upstream (runner/fake_upstream.py) in this loop, for the runner's tests."""
+    upstream = FakeUpstream()
+    await upstream.start()
+    yield upstream
+    await upstream.stop()

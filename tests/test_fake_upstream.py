@@ -19,14 +19,6 @@ TIME = {"type": "function", "function": {"name": "time", "parameters": {
 
 
 @pytest.fixture
-async def fake():
-    upstream = FakeUpstream()
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
-
-
-@pytest.fixture
 def client(fake):
     return openai.AsyncOpenAI(base_url=fake.url, api_key="test-key", max_retries=0)
 

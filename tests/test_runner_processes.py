@@ -13,7 +13,6 @@ import time
 import orjson
 import pytest
 
-from runner.fake_upstream import FakeUpstream
 from tests.helpers import eventually, stored_events
 from tests.servers import open_sse
 from tests.test_runner_turns import (TOOLS, assert_projection_is_what_the_model_saw_then_partly_said, calls_of, messages,
@@ -22,14 +21,6 @@ from tests.test_runner_turns import (TOOLS, assert_projection_is_what_the_model_
 pytest_plugins = ("tests.servers",)
 
 LEASE_TTL = 2.0
-
-
-@pytest.fixture
-async def fake():
-    upstream = FakeUpstream()
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
 
 
 @pytest.fixture

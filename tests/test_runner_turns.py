@@ -25,14 +25,6 @@ pytest_plugins = ("tests.servers",)
 
 
 @pytest.fixture
-async def fake():
-    upstream = FakeUpstream()
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
-
-
-@pytest.fixture
 async def chat(store, fake):
     """A client on a chatlog (in this loop, on the session's store) whose runner calls `fake`."""
     settings = Settings(database_url=None, api_keys=API_KEYS, heartbeat_seconds=HEARTBEAT_SECONDS,
