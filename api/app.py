@@ -15,7 +15,7 @@ from api import errors, openapi
 from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
-from api.routes import conversations, events, feed, health, messages, stream, stream_token, turns
+from api.routes import ai_sdk, conversations, events, feed, health, messages, stream, stream_token, turns
 from api.settings import Settings
 from runner.runner import Runner
 from store import Store
@@ -110,8 +110,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-                           expose_headers=["x-vercel-ai-ui-message-stream"], max_age=600)
-    for module in (conversations, events, feed, health, messages, stream, stream_token, turns):
+                           expose_headers=["x-vercel-ai-ui-message-stream", ai_sdk.CONVERSATION_HEADER,
+                                           ai_sdk.TURN_HEADER], max_age=600)
+    for module in (conversations, events, feed, health, messages, stream, stream_token, turns, ai_sdk):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -116,7 +116,7 @@ _SCHEMAS: dict[str, dict] = {
                         "data": {"type": "string", "contentMediaType": _JSON,
                                  "contentSchema": {"$ref": "#/components/schemas/StoredEvent"}}}},
         {"type": "object", "required": ["event", "id", "data"],
-         "properties": {"event": {"const": "message"}, "id": {"type": "string", "pattern": "^[1-9][0-9]*:[0-9]+$"},
+         "properties": {"event": {"const": "message"}, "id": {"type": "string", "pattern": "^[1-9][0-9]*(:[0-9]+)?$"},
                         "data": {"type": "string", "contentMediaType": _JSON,
                                  "contentSchema": {"type": "object", "required": ["type"],
                                                    "properties": {"type": {"type": "string"}}}}}},
@@ -285,7 +285,8 @@ def build(app: FastAPI, spec: dict) -> dict:
         statuses: set[int] = set()
         if path.startswith("/v1/"):
             statuses.add(503)
-            streams = any(r.get("content", {}).get(SSE) for r in responses.values())
+            # ?token= opens a conversation's streams (the AI SDK routes take bearer keys only)
+            streams = "{conversation_id}" in path and any(r.get("content", {}).get(SSE) for r in responses.values())
             if not open_mode:
                 statuses.add(401)
                 op["security"] = [{"bearer": []}] + ([{"streamToken": []}] if streams else [])
