@@ -34,6 +34,9 @@ cannot read is a 400 that says so:
     truncate after N           N chunks, then a clean end without finish or [DONE]
     stall after N              N chunks, then nothing until the client closes
     slow [DURATION]            a pause before every chunk (20ms; `1s`; number = ms)
+    rate R                     R chunks a second on a fixed schedule (chunk k due k/R s
+                               after the first, however late the previous one went out);
+                               with `long N`: N deltas at R/s (without: as fast as possible)
     delay DURATION             a pause before the response headers
     long [N] [chunks]          N (1000) text chunks `word0 word1 ...`
     length                     finish_reason "length"
@@ -138,6 +141,7 @@ class Script:
     finish_reason: str = "stop"
     answer: dict = field(default_factory=dict)
     slow: float = 0.0
+    rate: float | None = None
     delay: float = 0.0
     break_after: int | None = None
     truncate_after: int | None = None
@@ -193,6 +197,7 @@ class Plan:
     retry_after: str = "1"
     retry_after_ms: str | None = None
     slow: float = 0.0
+    rate: float | None = None
     delay: float = 0.0
     break_after: int | None = None
     truncate_after: int | None = None
@@ -237,6 +242,10 @@ def _parse(directive: str, plan: Plan) -> None:
     elif head in ("slow", "delay"):
         setattr(plan, head, duration(w[1]) if len(w) > 1 else 0.02)
         i = 2
+    elif head == "rate":
+        plan.rate, i = float(w[1]), 2
+        if not plan.rate > 0:
+            raise ValueError(w[1])
     elif head == "long":
         plan.long, i = (int(w[1]), 2) if len(w) > 1 and w[1].isdigit() else (1000, 1)
     elif head == "length":
@@ -340,8 +349,9 @@ class FakeUpstream:
     def script(self, request: dict, record: Received) -> Script:
         record.directives = directives_of(request)
         plan = parse_plan(record.directives)
-        s = Script(status=plan.status, slow=plan.slow, delay=plan.delay, finish_reason=plan.finish_reason,
-                   break_after=plan.break_after, truncate_after=plan.truncate_after, stall_after=plan.stall_after)
+        s = Script(status=plan.status, slow=plan.slow, rate=plan.rate, delay=plan.delay,
+                   finish_reason=plan.finish_reason, break_after=plan.break_after,
+                   truncate_after=plan.truncate_after, stall_after=plan.stall_after)
         if plan.error_after is not None:
             s.status, s.error_after = 200, (plan.error_after, plan.status)
         if plan.fail is not None:
@@ -513,6 +523,7 @@ class FakeUpstream:
         return record.outcome in ("done", "error", "truncated") and not closed.done()
 
     async def _send_events(self, events, script, record, closed, writer) -> None:
+        started = time.monotonic()
         for n, event in enumerate(events):
             if script.error_after is not None and n == script.error_after[0]:
                 event = orjson.dumps(error_body(script.error_after[1]))
@@ -530,6 +541,9 @@ class FakeUpstream:
                 await closed  # until the client gives up
             if script.slow:
                 await asyncio.wait([closed], timeout=script.slow)
+            if script.rate and (due := started + n / script.rate - time.monotonic()) > 0:
+                await writer.drain()
+                await asyncio.wait([closed], timeout=due)
             if closed.done():
                 record.outcome = "client_closed"
                 return
