@@ -337,8 +337,8 @@ async def test_regenerate_starts_a_turn_only_when_the_last_one_left_no_answer(sd
     assert failed["chunks"][-3:] == ["error", "finish-step", "finish"] and failed["errors"]
     assert (await log_of(alice, cid))[-1]["type"] == "turn.failed"
     # useChat's regenerate() drops the failed message and sends the rest
-    body = {"chatId": chat, "messages": [question], "trigger": "regenerate-message", "messageId": failed["message"]["id"]}
-    again = await sdk("send", **body)
+    again = await sdk("send", chatId=chat, messages=[question], trigger="regenerate-message",
+                      messageId=failed["message"]["id"])
     assert texts(again["message"]) == "Now it works." and again["message"]["id"] != failed["message"]["id"]
     events = await log_of(alice, cid)
     assert len(started_turns(events)) == 2 and len(of_type(events, "message.user")) == 1

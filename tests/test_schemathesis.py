@@ -39,7 +39,7 @@ from tests.helpers import TURN, append, asgi_client, bearer, new_conversation
 
 EXAMPLES = int(os.environ.get("CHATLOG_FUZZ_EXAMPLES", "10"))
 STREAM_READ_SECONDS = 0.5  # also the time a stream has to start answering
-UNFUZZED = ("start_turn",)
+UNFUZZED = ("start_turn", "ai_sdk_chat")  # they start turns: see fuzz()
 
 
 @dataclass
@@ -158,7 +158,7 @@ def with_examples(spec: dict, examples: dict[str, str]) -> None:
 def fuzz(app: OnLoop, key: str, examples: dict[str, str]) -> Run:
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config(key))
     schema.validate()  # the served document is valid OpenAPI
-    # POST /turns starts work that writes after its answer, which the "rejections write
+    # POST /turns (and /ai-sdk/chat) starts work that writes after its answer, which the "rejections write
     # nothing" fingerprint cannot tell apart (the runner's own tests cover it: test_runner_*)
     schema = schema.exclude(operation_id=list(UNFUZZED))
     with_examples(schema.raw_schema, examples)
@@ -209,10 +209,12 @@ async def test_the_api_answers_its_own_spec_never_with_a_5xx_and_rejections_writ
 
 
 def _template(path: str) -> str:
-    """/v1/conversations/<uuid>/events -> /v1/conversations/{conversation_id}/events"""
+    """/v1/conversations/<uuid>/events -> /v1/conversations/{conversation_id}/events (and the same for chat ids)"""
     parts = path.split("/")
     if len(parts) > 3 and parts[1:3] == ["v1", "conversations"]:
         parts[3] = "{conversation_id}"
         if len(parts) > 5 and parts[4] == "turns":
             parts[5] = "{turn_id}"
+    if len(parts) > 4 and parts[1:4] == ["v1", "ai-sdk", "chat"]:
+        parts[4] = "{chat_id}"
     return "/".join(parts)

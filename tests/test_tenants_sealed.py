@@ -51,6 +51,9 @@ OTHER_ROUTES = {
     ("POST", "/v1/conversations"): "creates the caller's own conversation",
     ("GET", "/v1/conversations"): "test_lists_and_the_feed_show_another_tenant_nothing",
     ("GET", "/v1/events"): "test_lists_and_the_feed_show_another_tenant_nothing",
+    # a chat id names a conversation of the caller's own
+    ("POST", "/v1/ai-sdk/chat"): "tests/test_ai_sdk_chat.py::test_a_chat_id_names_one_conversation_per_tenant",
+    ("GET", "/v1/ai-sdk/chat/{chat_id}/stream"): "the same test",
     ("GET", "/healthz"): "no tenant data",
     ("GET", "/readyz"): "no tenant data",
 }

@@ -364,7 +364,8 @@ def _server_tools(run: dict | None) -> list[str]:
 
 
 @router.post("/chat", openapi_extra=operation(ChatRequest, sse=True, errors=(409, 503)))
-async def chat(request: Request, principal: PrincipalDep, body: BodyDep, store: StoreDep, settings: SettingsDep):
+async def ai_sdk_chat(request: Request, principal: PrincipalDep, body: BodyDep, store: StoreDep,
+                      settings: SettingsDep):
     parsed = parse(ChatRequest, body)
     conversation_id = conversation_for(principal, parsed.id)
     options = _turn_options(parsed)
@@ -411,8 +412,8 @@ def _no_turn_running() -> dict:
 
 
 @router.get("/chat/{chat_id}/stream", openapi_extra=_no_turn_running())
-async def chat_stream(request: Request, principal: PrincipalDep, chat_id: str, store: StoreDep,
-                      settings: SettingsDep):
+async def ai_sdk_chat_stream(request: Request, principal: PrincipalDep, chat_id: str, store: StoreDep,
+                             settings: SettingsDep):
     if not storable(chat_id):  # no body can carry it (JSON has no lone surrogates): no chat has it
         return Response(status_code=204)
     conversation_id = conversation_for(principal, chat_id)
