@@ -249,6 +249,29 @@ async def test_tool_outputs_sent_twice_are_recorded_once(sdk, alice, fake, ledge
     await assert_sdk_messages_agree_with_the_log(alice, cid, [question, one["message"]])
 
 
+async def test_tools_answered_one_at_a_time_each_end_their_response(sdk, alice, fake):
+    """Without sendAutomaticallyWhen a page may send what it has: each response ends
+    as soon as only the browser can go on, so useChat can send the next answer."""
+    chat, question = chat_id(), user("Weather and time? [fake:tools weather,time]")
+    sent = await sdk("send", chatId=chat, messages=[question], body={"tools": WEATHER})
+    cid, waiting = sent["requests"][0]["conversationId"], sent["message"]
+    again = {"chatId": chat, "messageId": waiting["id"]}
+    unchanged = await sdk("send", messages=[question, waiting], **again)  # nothing answered yet
+    assert unchanged["chunks"] == ["start", "finish-step", "finish"] and unchanged["message"] == waiting
+    half = answered(waiting, {"weather": "sunny"}, {})
+    first = await sdk("send", messages=[question, half], **again)
+    assert first["chunks"] == ["start", "tool-output-available", "finish-step", "finish"]
+    assert first["message"] == half
+    assert len(of_type(await log_of(alice, cid), "tool.result")) == 1
+    whole = answered(waiting, {"weather": "sunny", "time": "noon"}, {})
+    done = await sdk("send", messages=[question, whole], **again)
+    assert texts(done["message"]) == "Here is what the tools said: weather returned sunny; time returned noon."
+    events = await log_of(alice, cid)
+    assert len(of_type(events, "tool.result")) == 2 and events[-1]["type"] == "turn.finished"
+    await assert_history_is_what_the_model_saw(alice, cid, fake)
+    await assert_sdk_messages_agree_with_the_log(alice, cid, [question, done["message"]])
+
+
 # -- reconnecting -----------------------------------------------------------------------------------
 
 

@@ -182,24 +182,25 @@ def _turn_options(body: ChatRequest) -> dict:
 class UntilBrowserTools:
     """A turn's `format=ui` frames (projections.ui.UiStream), ended where useChat
     needs a response to end: when the turn ends (`[DONE]` from UiStream), or
-    when the calls whose input the stream has shown are all complete and some
-    wait for the browser's answer while none waits for `server_tools`.
-    Calls are watched from their `tool-input-start`, so a stream continuing
-    after an answered step does not end again for that step's calls."""
+    when no call is streaming its input and some wait for the browser's answer
+    while none waits for `server_tools`. The calls watched are those whose
+    input the stream shows, and `waiting` (call id -> tool name: calls the
+    browser saw before this response and has not answered yet)."""
 
-    share = None  # frames of its own (a lead, an ending): no sharing with other readers
+    share = None  # an ending of its own: no sharing with other readers
 
-    def __init__(self, frames: ui.UiStream, server_tools: Iterable[str], lead: list[tuple[str, dict]]) -> None:
-        self.frames, self.server_tools, self.lead = frames, frozenset(server_tools), lead
+    def __init__(self, frames: ui.UiStream, server_tools: Iterable[str], waiting: dict[str, str],
+                 last_id: str | None) -> None:
+        self.frames, self.server_tools = frames, frozenset(server_tools)
         self.streaming: set[str] = set()
         self.browser: set[str] = set()  # calls waiting for the browser's answer
         self.others: set[str] = set()  # calls waiting for a server tool's result
-        self.last_id = lead[-1][0] if lead else "0"
+        for call, name in waiting.items():
+            self._waits(call, name)
+        self.last_id = last_id  # the ending's frames repeat it: they add no event's frame
         self.done = False
 
     def __call__(self, live: bool, events: list[dict]) -> Iterable[tuple[str, dict] | str]:
-        yield from self.lead
-        self.lead = []
         for item in self.frames(live, events):
             if self.done:
                 return
@@ -209,11 +210,18 @@ class UntilBrowserTools:
                 self.last_id = item[0]
                 self._watch(item[1])
             yield item
-        if not self.done and self.browser and not self.others and not self.streaming:
-            self.done = True
-            yield self.last_id, {"type": "finish-step"}
-            yield self.last_id, {"type": "finish", "finishReason": "tool-calls"}
-            yield ui.DONE
+        yield from self.ending()
+
+    def ending(self) -> list[tuple[str, dict] | str]:
+        """The frames that end the response now that only the browser can go on, or none."""
+        if self.done or not self.browser or self.others or self.streaming:
+            return []
+        self.done = True
+        return [(self.last_id, {"type": "finish-step"}),
+                (self.last_id, {"type": "finish", "finishReason": "tool-calls"}), ui.DONE]
+
+    def _waits(self, call: str, name: str) -> None:
+        (self.others if name in self.server_tools else self.browser).add(call)
 
     def _watch(self, chunk: dict) -> None:
         kind, call = chunk["type"], chunk.get("toolCallId")
@@ -221,7 +229,7 @@ class UntilBrowserTools:
             self.streaming.add(call)
         elif kind == "tool-input-available":
             self.streaming.discard(call)
-            (self.others if chunk["toolName"] in self.server_tools else self.browser).add(call)
+            self._waits(call, chunk["toolName"])
         elif kind in ("tool-input-error", "tool-output-available", "tool-output-error"):
             for waiting in (self.streaming, self.browser, self.others):
                 waiting.discard(call)
@@ -242,6 +250,20 @@ async def _until_done(batches: AsyncIterator, render: UntilBrowserTools) -> Asyn
                 return
 
 
+async def _led(frames: AsyncIterator[bytes], lead: bytes, render: UntilBrowserTools,
+               caught_up: bool) -> AsyncIterator[bytes]:
+    """`frames` with `lead` right after their `retry:`; `caught_up` (nothing
+    after the resume point yet): ended at once when only the browser can go on."""
+    async with aclosing(frames):
+        yield await anext(frames)
+        yield lead
+        if caught_up and (ending := render.ending()):
+            yield b"".join(sse.DONE if item is ui.DONE else sse.frame(*item) for item in ending)
+            return
+        async for chunk in frames:
+            yield chunk
+
+
 def _headers(conversation_id: uuid.UUID, turn_id: str | None = None) -> dict[str, str]:
     headers = {CONVERSATION_HEADER: str(conversation_id)}
     if turn_id is not None:
@@ -250,18 +272,23 @@ def _headers(conversation_id: uuid.UUID, turn_id: str | None = None) -> dict[str
 
 
 async def turn_ui_stream(store: Store, settings: Settings, principal: str, conversation_id: uuid.UUID,
-                         turn_id: str, server_tools: Iterable[str], after: int | None = None) -> StreamingResponse:
-    """The turn's ui stream from its `start`, or (`after`: a seq inside the
-    turn) its frames after that seq led by a `start` naming the turn's
-    message, which makes the SDK append to that message."""
+                         turn_id: str, server_tools: Iterable[str], after: int | None = None,
+                         waiting: dict[str, str] | None = None) -> StreamingResponse:
+    """The turn's ui stream from its `start`; or, continuing (`after`: a seq
+    inside the turn, `waiting`: see UntilBrowserTools), a `start` naming the
+    turn's message, which makes the SDK append to that message, then the
+    turn's frames after that seq."""
     start, end = await store.turn_span(principal, conversation_id, turn_id)
-    lead = [] if after is None else [(str(after), {"type": "start", "messageId": turn_id})]
-    after = start - 1 if after is None else after
-    upto, first, state = await stream_routes._start(store, principal, conversation_id, after, end,
-                                                    ui_state_at=None if after < start else after)
-    batches = store.stream(principal, conversation_id, after, upto, end is None, settings.heartbeat_seconds, first)
-    render = UntilBrowserTools(ui.UiStream((after, None), True, state), server_tools, lead)
+    resume = start - 1 if after is None else after
+    upto, first, state = await stream_routes._start(store, principal, conversation_id, resume, end,
+                                                    ui_state_at=None if after is None else after)
+    batches = store.stream(principal, conversation_id, resume, upto, end is None, settings.heartbeat_seconds, first)
+    render = UntilBrowserTools(ui.UiStream((resume, None), True, state), server_tools, waiting or {},
+                               None if after is None else str(after))
     body = sse.body(_until_done(batches, render), render, until_turn=turn_id)
+    if after is not None:
+        # the lead's id is the resume point: what follows it is exactly the frames after that seq
+        body = _led(body, sse.frame(str(after), {"type": "start", "messageId": turn_id}), render, not first)
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={**_STREAM_HEADERS, **_headers(conversation_id, turn_id)})
 
@@ -306,25 +333,28 @@ def _result_event(part: dict) -> NewEvent:
                     id=event_id)
 
 
-async def record_tool_outputs(store: Store, principal: str, conversation_id: uuid.UUID, message: UIMessage) -> int:
-    """Append the browser's answers the log lacks; the seq the continuation
-    resumes after (the end of the latest step the message answers)."""
+async def record_tool_outputs(store: Store, principal: str, conversation_id: uuid.UUID,
+                              message: UIMessage) -> tuple[int, dict[str, str]]:
+    """Append the browser's answers the log lacks. Returns the seq the
+    continuation resumes after (the end of the latest step the message
+    answers) and the calls of the message still waiting for the browser."""
     turn_id = message.id
     start, end = await store.turn_span(principal, conversation_id, turn_id)
-    completed: dict[str, int] = {}  # the turn's completed calls -> seq of their completion
-    started, answered, steps = set(), set(), []
+    names: dict[str, str] = {}  # the turn's calls -> their tool names
+    completed: dict[str, int] = {}  # its completed calls -> seq of their completion
+    answered, steps = set(), []
     for event in await _turn_events(store, principal, conversation_id, start):
         kind, data = event["type"], event["data"]
         if kind == "tool_call.started" and data["turn_id"] == turn_id:
-            started.add(data["tool_call_id"])
-        elif kind == "tool_call.completed" and data["tool_call_id"] in started:
+            names[data["tool_call_id"]] = data["name"]
+        elif kind == "tool_call.completed" and data["tool_call_id"] in names:
             completed[data["tool_call_id"]] = event["seq"]
-        elif kind == "tool.result" and data["tool_call_id"] in started:
+        elif kind == "tool.result" and data["tool_call_id"] in names:
             answered.add(data["tool_call_id"])
         elif kind == "model.requested" and data["turn_id"] == turn_id:
             steps.append(event["seq"])
     parts = _tool_parts(message)
-    unknown = sorted(p["toolCallId"] for p in parts if p["toolCallId"] not in started)
+    unknown = sorted(p["toolCallId"] for p in parts if p["toolCallId"] not in names)
     if unknown:
         raise ApiError(422, "invalid_request", f"tool call {unknown[0]!r} is not a call of turn {turn_id}",
                        field="messages", tool_call_id=unknown[0])
@@ -334,8 +364,8 @@ async def record_tool_outputs(store: Store, principal: str, conversation_id: uui
         raise ApiError(422, "invalid_request", f"assistant message {turn_id} carries no tool calls to answer; "
                        "send a user message to go on", field="messages")
     resume = max(completed[p["toolCallId"]] for p in ours)
-    new = [p for p in ours if p["state"] in _ANSWERED and not p.get("preliminary")
-           and p["toolCallId"] not in answered]
+    open_calls = [p["toolCallId"] for p in ours if p["toolCallId"] not in answered]
+    new = [p for p in ours if p["toolCallId"] in open_calls and p["state"] in _ANSWERED and not p.get("preliminary")]
     if end is not None and (new or not any(seq > resume for seq in steps)):
         # the turn will not go on: a result now would call no model, and a stream
         # showing nothing new would have useChat send the same outputs again
@@ -343,7 +373,8 @@ async def record_tool_outputs(store: Store, principal: str, conversation_id: uui
                        "route any more: send a new message", turn_id=turn_id)
     if new:
         await store.append(principal, conversation_id, [_result_event(p) for p in new])
-    return resume
+    now = {p["toolCallId"] for p in new}
+    return resume, {call: names[call] for call in open_calls if call not in now}
 
 
 # -- routes ----------------------------------------------------------------------------------------------
@@ -374,9 +405,10 @@ async def ai_sdk_chat(request: Request, principal: PrincipalDep, body: BodyDep, 
     if answered is not None:
         if not storable(answered.id):  # PostgreSQL text cannot hold it, so no turn has that id
             raise ApiError(404, "not_found", f"turn {answered.id!r} was not found in conversation {conversation_id}")
-        resume = await record_tool_outputs(store, principal, conversation_id, answered)
+        resume, waiting = await record_tool_outputs(store, principal, conversation_id, answered)
         server_tools = _server_tools(await runner.turns.get(principal, conversation_id, answered.id))
-        return await turn_ui_stream(store, settings, principal, conversation_id, answered.id, server_tools, resume)
+        return await turn_ui_stream(store, settings, principal, conversation_id, answered.id, server_tools, resume,
+                                    waiting)
     last = parsed.messages[-1]
     if parsed.trigger == "submit-message":
         if last.role != "user":
