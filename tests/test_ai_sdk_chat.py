@@ -347,6 +347,10 @@ async def test_a_chat_id_names_one_conversation_per_tenant(sdk, alice, server, k
         # alice's conversation id as bob's chat id: his own (nothing running), never hers
         r = await bob.get(f"/v1/ai-sdk/chat/{cid}/stream")
         assert r.status_code == 204 and r.headers["x-chatlog-conversation-id"] == cid
+        # and no key, no chat
+        for method, url in (("POST", "/v1/ai-sdk/chat"), ("GET", f"/v1/ai-sdk/chat/{chat}/stream")):
+            r = await bob.request(method, url, headers={"Authorization": ""}, json={"id": chat, "messages": [first]})
+            assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized")
     # a UUID chat id is the conversation id itself
     mine = str(uuid.uuid4())
     three = await sdk("send", chatId=mine, messages=[user("uuid [fake:say Three.]")])
