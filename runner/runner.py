@@ -276,7 +276,24 @@ class Runner:
                 else:
                     await self.turns.requeue(*turn.key)
                 return
+            if await self._dropped_while_beginning(turn):
+                continue
             self._spawn(turn)
+
+    async def _dropped_while_beginning(self, turn: _Turn) -> bool:
+        """A cancel that came between the claim and the committed begin marked
+        the request dropped (see cancel): the turn ends cancelled, unrun."""
+        run = await self.turns.get(*turn.key)
+        if run is None or run["status"] != "dropped":
+            return False
+        try:
+            await self.store.append(turn.principal, turn.conversation_id,
+                                    [NewEvent("turn.cancelled", {"turn_id": turn.turn_id},
+                                              id=f"turn:{turn.turn_id}:cancelled")])
+        except InvalidEvent:
+            pass  # the cancel's own look found it begun and closed it
+        await self.turns.notify("queued")  # the next queued request may start, here or elsewhere
+        return True
 
     # -- starting, cancelling -------------------------------------------------------------
 
@@ -393,9 +410,17 @@ class Runner:
         except NotFound:
             if run is None:
                 raise
-            # claimed but not begun: it is dropped when its claimer fails to find it queued
-            await self.turns.set_status(principal, conversation_id, turn_id, "dropped", only_from=("queued",))
-            return
+            # claimed by a process that has not begun it yet: mark it dropped, then
+            # look again. Its claimer reads the mark after its begin is committed
+            # (_claim_while_free), so either it sees the mark and cancels the turn
+            # itself, or the turn has begun by the time we look again and we cancel
+            # it here: never a turn that runs after its cancel was answered.
+            await self.turns.set_status(principal, conversation_id, turn_id, "dropped",
+                                        only_from=("queued", "starting", "running"))
+            try:
+                _, end = await self.store.turn_span(principal, conversation_id, turn_id)
+            except NotFound:
+                return
         if end is None:
             data = {"turn_id": turn_id}
             if reason:

@@ -413,3 +413,47 @@ async def test_a_turn_waiting_for_tools_leaves_its_slot_to_others(narrow, fake):
     [call] = await calls_of(narrow, waiting, first["turn_id"])
     assert (await result(narrow, waiting, call, {"temp_c": 9})).status_code == 201
     await until_status(narrow, waiting, first["turn_id"], "finished")
+
+
+async def test_a_request_cancelled_after_a_dead_process_claimed_it_never_runs(store, fake):
+    """A queued request was claimed by a process that died before it began the
+    turn. Cancelling it answers 202; the sweep that finds the dead claimer must
+    not put it back in the queue, and the next request starts instead."""
+    import uuid
+
+    from store.turns import Turns
+
+    settings = Settings(database_url=None, api_keys=API_KEYS, heartbeat_seconds=HEARTBEAT_SECONDS,
+                        upstream_base_url=fake.url, upstream_api_key="sk-fake", model="fake",
+                        runner_lease_ttl_seconds=0.6)
+    server = await InProcessServer(create_app(settings, store=store)).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth("alice"), timeout=20) as client:
+            cid = await new_chat(client)
+            ghost = str(uuid.uuid4())
+            request = {"message": {"role": "user", "content": "[fake:say Never.]"}, "max_steps": 8}
+            # as a process leaves it when it dies between its claim and its begin
+            await Turns(store.pool).add("alice", uuid.UUID(cid), ghost, None, request, "running", "dead-process")
+            r = await client.post(f"/v1/conversations/{cid}/turns/{ghost}/cancel")
+            assert r.status_code == 202
+
+            async def leases_renewed(times: int):
+                """`times` more heartbeats of the live runner: a whole sweep ran in between."""
+                seen = []
+
+                async def check():
+                    seen.append(await store.pool.fetchval("SELECT max(lease_until) FROM runners"))
+                    return len(set(seen)) > times
+                await eventually(check, f"{times} lease renewals")
+
+            await leases_renewed(3)
+            after = await start(client, cid, "[fake:say Instead.]", if_running="enqueue")
+            await until_status(client, cid, after["turn_id"], "finished")
+            await leases_renewed(3)
+            assert (await client.get(f"/v1/conversations/{cid}/turns/{ghost}")).json()["status"] == "cancelled"
+            users = [e["data"]["content"] for e in (await stored_events(client, cid)).values()
+                     if e["type"] == "message.user"]
+            assert users == ["[fake:say Instead.]"]
+            assert not [q for q in fake.requests if b"Never." in q.body]
+    finally:
+        await server.stop()
