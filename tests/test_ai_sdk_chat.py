@@ -284,6 +284,7 @@ async def test_reconnect_mid_turn_gives_the_whole_message(sdk, alice, fake, stor
     async with alice.stream("POST", "/v1/ai-sdk/chat", json=body) as response:
         assert response.status_code == 200
         cid = uuid.UUID(response.headers["x-chatlog-conversation-id"])
+        turn_id = response.headers["x-chatlog-turn-id"]
         async for line in response.aiter_lines():
             if '"tool-input-available"' in line:
                 break  # the tab is closed: a disconnect is not a cancel
@@ -293,7 +294,11 @@ async def test_reconnect_mid_turn_gives_the_whole_message(sdk, alice, fake, stor
         tail = store.listener.tails.get(key)
         return tail.readers if tail else 0
 
-    await eventually(lambda: readers() == 1, "only the runner, waiting for the result, follows the conversation")
+    async def runner_alone() -> bool:
+        status = (await alice.get(f"/v1/conversations/{cid}/turns/{turn_id}")).json()["status"]
+        return status == "waiting_for_tools" and readers() == 1
+
+    await eventually(runner_alone, "only the runner, waiting for the result, to follow the conversation")
     resumed = asyncio.create_task(sdk("reconnect", chatId=chat))
     await eventually(lambda: readers() == 2 or resumed.done(), "the SDK's reconnect to follow the turn")
     call = next(e["data"]["tool_call_id"] for e in await log_of(alice, str(cid)) if e["type"] == "tool_call.completed")
