@@ -49,10 +49,9 @@ from api.deps import BodyDep, PrincipalDep, SettingsDep, StoreDep, parse_uuid, s
 from api.errors import ApiError
 from api.openapi import operation
 from api.routes import stream as stream_routes
-from api.routes.turns import runner_of
+from api.routes.turns import TurnOptions, runner_of
 from api.settings import Settings
 from projections import ui
-from runner.chunks import RESERVED_PARAMS
 from runner.runner import NoUpstream, TurnRunning
 from store import NewEvent, Store
 from store.errors import ConversationExists, NotFound
@@ -81,18 +80,13 @@ class UIMessage(_Loose):
     parts: list[dict[str, JsonValue]]
 
 
-class ChatRequest(_Loose):
+class ChatRequest(TurnOptions, _Loose):
     id: str = Field(min_length=1, max_length=200, description="the chat id: a conversation id, or any other "
                     "string, which names a conversation of its own (see x-chatlog-conversation-id)")
     messages: list[UIMessage] = Field(min_length=1)
     trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
     messageId: str | None = Field(None, min_length=1, max_length=200)
-    # the turn's options, as POST /turns takes them (the transport's `body`)
-    model: str | None = Field(None, min_length=1)
-    tools: list[dict[str, JsonValue]] | None = None
-    tool_choice: JsonValue = None
-    max_steps: int = Field(8, ge=1, le=1000)
-    params: dict[str, JsonValue] | None = None
+    # and the turn's options, as POST /turns takes them (the transport's `body`): TurnOptions
     server_tools: list[str] = Field(default_factory=list, description="names of tools answered by others "
                                     "through /events: the stream waits for their results")
 
@@ -165,13 +159,7 @@ def user_content(message: UIMessage, settings: Settings) -> str | list[dict]:
 
 def _turn_options(body: ChatRequest) -> dict:
     """The turn request's options, checked as POST /turns checks them."""
-    clash = sorted(RESERVED_PARAMS & (body.params or {}).keys())
-    if clash:
-        raise ApiError(422, "invalid_request", f"params may not set {', '.join(clash)}: they are fields of the "
-                       "request or set by the runner", field="params")
-    if body.tool_choice is not None and not body.tools:
-        raise ApiError(422, "invalid_request", "tool_choice needs tools", field="tool_choice")
-    options = body.model_dump(include={"model", "tools", "tool_choice", "max_steps", "params"}, exclude_none=True)
+    options = body.checked_options()
     if body.server_tools:
         options["ai_sdk_server_tools"] = body.server_tools  # kept with the turn, for reconnects
     return options

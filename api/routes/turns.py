@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Header, Request
-from pydantic import Field, JsonValue
+from pydantic import BaseModel, Field, JsonValue
 
 from api.bodies import Body, parse
 from api.deps import BodyDep, ConversationIdDep, PrincipalDep, SettingsDep, StoreDep, storable
@@ -30,14 +30,29 @@ class TurnMessage(Body):
     name: str | None = None
 
 
-class StartTurn(Body):
-    message: TurnMessage | None = None
-    request_id: str | None = Field(None, min_length=1, max_length=200)
+class TurnOptions(BaseModel):
+    """The options of a turn, as POST /turns and POST /ai-sdk/chat take them."""
+
     model: str | None = Field(None, min_length=1)
     tools: list[dict[str, JsonValue]] | None = None
     tool_choice: JsonValue = None
     max_steps: int = Field(8, ge=1, le=1000)
     params: dict[str, JsonValue] | None = None
+
+    def checked_options(self) -> dict:
+        """The options as the runner takes them, after the checks pydantic cannot make."""
+        clash = sorted(RESERVED_PARAMS & (self.params or {}).keys())
+        if clash:
+            raise ApiError(422, "invalid_request", f"params may not set {', '.join(clash)}: they are fields of "
+                           "the request or set by the runner", field="params")
+        if self.tool_choice is not None and not self.tools:
+            raise ApiError(422, "invalid_request", "tool_choice needs tools", field="tool_choice")
+        return self.model_dump(include=set(TurnOptions.model_fields), mode="json", exclude_none=True)
+
+
+class StartTurn(TurnOptions, Body):
+    message: TurnMessage | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=200)
     if_running: Literal["reject", "interrupt", "enqueue"] = "reject"
 
 
@@ -61,12 +76,7 @@ async def start_turn(request: Request, principal: PrincipalDep, conversation_id:
                      store: StoreDep, settings: SettingsDep, format: Literal["events", "ui"] = "events",
                      accept: str | None = Header(None)):
     parsed = parse(StartTurn, body)
-    clash = sorted(RESERVED_PARAMS & (parsed.params or {}).keys())
-    if clash:
-        raise ApiError(422, "invalid_request", f"params may not set {', '.join(clash)}: they are fields of the "
-                       "request or set by the runner", field="params")
-    if parsed.tool_choice is not None and not parsed.tools:
-        raise ApiError(422, "invalid_request", "tool_choice needs tools", field="tool_choice")
+    parsed.checked_options()
     turn_request = parsed.model_dump(mode="json", exclude_none=True)
     runner = runner_of(request)
     try:
