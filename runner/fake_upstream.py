@@ -38,6 +38,8 @@ cannot read is a 400 that says so:
                                after the first, however late the previous one went out);
                                with `long N`: N deltas at R/s (without: as fast as possible)
     delay DURATION             a pause before the response headers
+    at T                       the same pause, until the Unix time T (streams that start
+                               together: chatlog bench)
     long [N] [chunks]          N (1000) text chunks `word0 word1 ...`
     length                     finish_reason "length"
 
@@ -239,6 +241,8 @@ def _parse(directive: str, plan: Plan) -> None:
             plan.fail, i = (plan.fail[0], int(w[i])), i + 1
     elif head.isdigit() and "then" in w:  # 429 then ok
         plan.fail = (1, int(head))
+    elif head == "at":
+        plan.delay, i = max(0.0, float(w[1]) - time.time()), 2
     elif head in ("slow", "delay"):
         setattr(plan, head, duration(w[1]) if len(w) > 1 else 0.02)
         i = 2

@@ -65,6 +65,11 @@ class _Trace:
 _trace: _Trace | None = _Trace(os.environ[TRACE_ENV]) if os.environ.get(TRACE_ENV) else None
 
 
+def _wake_up(wake: asyncio.Future | None) -> None:
+    if wake is not None and not wake.done():
+        wake.set_result(None)
+
+
 class Recorder:
     """One turn's events on their way to the log: batched, appended in order,
     one append in flight at a time. `add` never waits."""
@@ -77,7 +82,7 @@ class Recorder:
         self.last_seq = 0
         self.error: BaseException | None = None
         self._has = asyncio.Event()
-        self._full = asyncio.Event()
+        self._wake: asyncio.Future | None = None  # the flush wait, ended early by `flush_events` or close()
         self._closing = False
         self._added: list[tuple[float, int]] | None = None  # (when, how many events): measuring only
         self._task = asyncio.create_task(self._run())
@@ -95,22 +100,26 @@ class Recorder:
                 self._added.append((time.monotonic(), len(events)))
             self._has.set()
             if len(self.pending) >= self.flush_events:
-                self._full.set()
+                _wake_up(self._wake)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._has.wait()
             if not self._closing and len(self.pending) < self.flush_events:
+                # a timer and a future: asyncio.wait_for would make a task per flush
+                self._wake = loop.create_future()
+                timer = loop.call_later(self.flush_seconds, _wake_up, self._wake)
                 try:
-                    await asyncio.wait_for(self._full.wait(), self.flush_seconds)
-                except TimeoutError:
-                    pass
+                    await self._wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
             batch, self.pending = self.pending, []
             added = self._added
             if added is not None:
                 self._added = []
             self._has.clear()
-            self._full.clear()
             if batch:
                 try:
                     self.last_seq = (await self._append(batch)).last_seq
@@ -126,7 +135,7 @@ class Recorder:
         """Append what is left; the seq of the last event written. Raises what an append raised."""
         self._closing = True
         self._has.set()
-        self._full.set()
+        _wake_up(self._wake)
         await asyncio.wait({self._task})
         if self.error is not None:
             raise self.error
