@@ -9,6 +9,12 @@ flight per turn keeps the turn's events in the order the model sent them; the
 store's group commit then shares each transaction among every turn flushing
 at that moment. Nothing is visible before its append commits.
 
+Bounded: when `max_pending` events wait behind the append in flight (the
+store is slower than the upstream), the turn stops reading the upstream until
+that append returns and they go out in the next (`room()`); TCP then holds
+the model back. A turn keeps at most twice `max_pending` events in memory,
+and its appends stay that size, whatever the two speeds.
+
 Measuring (`chatlog bench`'s runner section only): with CHATLOG_RUNNER_TRACE_FILE
 set, every recorder of the process notes when each batch of events was added
 (the chunk that yielded them had just been read and translated) and when the
@@ -72,12 +78,17 @@ def _wake_up(wake: asyncio.Future | None) -> None:
 
 class Recorder:
     """One turn's events on their way to the log: batched, appended in order,
-    one append in flight at a time. `add` never waits."""
+    one append in flight at a time. `add` never waits; a producer awaits
+    `room()` before reading more, which returns at once unless `max_pending`
+    events wait."""
 
-    def __init__(self, append, flush_seconds: float, flush_events: int) -> None:
+    def __init__(self, append, flush_seconds: float, flush_events: int, max_pending: int | None = None) -> None:
         self._append = append
         self.flush_seconds = flush_seconds
         self.flush_events = flush_events
+        self.max_pending = max_pending or 16 * flush_events
+        self._room = asyncio.Event()
+        self._room.set()
         self.pending: list[tuple[str, dict]] = []
         self.last_seq = 0
         self.error: BaseException | None = None
@@ -101,6 +112,16 @@ class Recorder:
             self._has.set()
             if len(self.pending) >= self.flush_events:
                 _wake_up(self._wake)
+                if len(self.pending) >= self.max_pending:
+                    self._room.clear()
+
+    async def room(self) -> None:
+        """Return when fewer than `max_pending` events wait (at once, unless
+        the store is behind); raise what a failed append raised."""
+        if not self._room.is_set():
+            await self._room.wait()
+        if self.error is not None:
+            raise self.error
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,6 +137,7 @@ class Recorder:
                     timer.cancel()
                     self._wake = None
             batch, self.pending = self.pending, []
+            self._room.set()
             added = self._added
             if added is not None:
                 self._added = []
@@ -125,6 +147,7 @@ class Recorder:
                     self.last_seq = (await self._append(batch)).last_seq
                 except BaseException as exc:
                     self.error = exc
+                    self._room.set()  # a producer waiting for room learns of it
                     return
                 if added is not None:
                     _trace.committed(added)

@@ -597,6 +597,7 @@ class Runner:
         async with aclosing(self.upstream.stream(raw)) as chunks:
             async for chunk in chunks:
                 recorder.add(translator.feed(chunk))
+                await recorder.room()  # the store is behind: read no more until it catches up
         closing, outcome = translator.finish()
         recorder.add(closing)
         return outcome
