@@ -74,41 +74,18 @@ class Bench:
     async def server(self, database_url: str, workers: int = 1, **env: str) -> AsyncIterator[str]:
         """A real `chatlog serve` process on `database_url`; yields its base URL."""
         port = free_port()
-        log = tempfile.NamedTemporaryFile(prefix="chatlog-bench-server-", suffix=".log", delete=False)
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "chatlog"), "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(workers)],
-            # a quick run is a smoke test that may share PostgreSQL's max_connections
-            # with a test session: its servers keep small pools (4 workers x 4)
-            env={**os.environ, "DATABASE_URL": database_url, "CHATLOG_LOG_LEVEL": "warning",
-                 **({"CHATLOG_POOL_SIZE": "4"} if self.quick else {}), **env},
-            stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        self._servers[url] = proc.pid
-        try:
-            deadline = time.monotonic() + 30
-            async with httpx.AsyncClient() as client:
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"chatlog serve exited with {proc.returncode}; log: {log.name}")
-                    try:
-                        if (await client.get(url + "/readyz", timeout=1)).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"chatlog serve did not get ready in 30 s; log: {log.name}")
-                    await asyncio.sleep(0.1)
-            yield url
-        finally:
-            self._servers.pop(url, None)
-            proc.terminate()
+        # a quick run is a smoke test that may share PostgreSQL's max_connections
+        # with a test session: its servers keep small pools (4 workers x 4)
+        env = {**os.environ, "DATABASE_URL": database_url, "CHATLOG_LOG_LEVEL": "warning",
+               **({"CHATLOG_POOL_SIZE": "4"} if self.quick else {}), **env}
+        async with chatlog_process(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+                                   url + "/readyz", env=env, grace=15) as pid:
+            self._servers[url] = pid
             try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            os.unlink(log.name)
+                yield url
+            finally:
+                self._servers.pop(url, None)
 
     def server_pids(self, url: str) -> list[int]:
         """The processes of the server at `url`: `chatlog serve` and its workers."""
@@ -253,3 +230,38 @@ class CpuMeter:
             return f"PostgreSQL's CPU ({self.cores['postgres']:.2f} cores)"
         return ("no CPU (machine {:.2f} of {}): waits on PostgreSQL (commits, locks) or the load's "
                 "concurrency".format(self.cores["machine"], cores))
+
+
+@asynccontextmanager
+async def chatlog_process(args: list[str], ready_url: str, env: dict | None = None,
+                          grace: float = 10.0) -> AsyncIterator[int]:
+    """`chatlog ARGS` in a process of its own, once `ready_url` answers 200
+    (30 s at most); yields its pid and stops it (SIGTERM, then after `grace`
+    seconds SIGKILL) on the way out. Its output goes to a log file that is
+    named in the error if it dies or never gets ready, and removed after."""
+    log = tempfile.NamedTemporaryFile(prefix=f"chatlog-bench-{args[0]}-", suffix=".log", delete=False)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "chatlog"), *args], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"chatlog {args[0]} exited with {proc.returncode}; log: {log.name}")
+                try:
+                    if (await client.get(ready_url, timeout=1)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"chatlog {args[0]} did not get ready in 30 s; log: {log.name}")
+                await asyncio.sleep(0.1)
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.unlink(log.name)

@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -52,7 +49,7 @@ from typing import AsyncIterator
 import asyncpg
 import httpx
 
-from bench.core import Bench, CpuMeter, free_port, postgres_pids
+from bench.core import Bench, CpuMeter, chatlog_process, free_port, postgres_pids
 from bench.ingest import StoreAppend
 from bench.wrk import PRINCIPAL
 from store.positions import INDEX_BITS
@@ -81,33 +78,9 @@ def _sizes(bench: Bench) -> Sizes:
 async def fake_upstream() -> AsyncIterator[tuple[str, int]]:
     """`chatlog fake-upstream` in its own process: (base URL, pid)."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="chatlog-bench-upstream-", suffix=".log", delete=False)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "chatlog"), "fake-upstream", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"chatlog fake-upstream exited with {proc.returncode}; log: {log.name}")
-                try:
-                    if (await client.get(url + "/models", timeout=1)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"chatlog fake-upstream did not answer in 30 s; log: {log.name}")
-                await asyncio.sleep(0.1)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        os.unlink(log.name)
+    async with chatlog_process(["fake-upstream", "--port", str(port)], url + "/models") as pid:
+        yield url, pid
 
 
 def read_trace(path: Path) -> tuple[dict[int, int], int]:
