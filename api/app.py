@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.add_middleware(AppendFirst, endpoint=events.append_events)  # added first: CORS wraps it
     origins = settings.cors_origin_list()
     if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                            expose_headers=["x-vercel-ai-ui-message-stream", ai_sdk.CONVERSATION_HEADER,
                                            ai_sdk.TURN_HEADER], max_age=600)

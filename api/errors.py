@@ -45,7 +45,9 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
 
 _STORE_STATUS = {
     store_errors.NotFound: 404,
+    store_errors.ConversationErased: 410,
     store_errors.ConversationExists: 409,
+    store_errors.ErasedIdReused: 409,
     store_errors.SeqConflict: 409,
     store_errors.IdempotencyConflict: 409,
     store_errors.InvalidEvent: 422,

@@ -291,7 +291,7 @@ def build(app: FastAPI, spec: dict) -> dict:
                 statuses.add(401)
                 op["security"] = [{"bearer": []}] + ([{"streamToken": []}] if streams else [])
         if "{conversation_id}" in path:
-            statuses.add(404)
+            statuses |= {404, 410}  # 410: an erased conversation, to its owner
             conversation_ops.append((path, method, op))
         if any(p.get("in") in ("query", "header") for p in params):
             statuses.add(422)

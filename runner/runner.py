@@ -52,6 +52,7 @@ import uuid
 from contextlib import aclosing
 from typing import Any
 
+import asyncpg
 import orjson
 
 import domain
@@ -59,7 +60,7 @@ from runner.chunks import (StepTranslator, add_usage, encode, model_requested, r
                            sha256_hex, turn_failed, turn_finished)
 from runner.recorder import Recorder
 from runner.upstream import Upstream, UpstreamError
-from store import Store
+from store import Store, erasure
 from store.appends import NewEvent
 from store.errors import InvalidEvent, NotFound, OutcomeUnknown, Unavailable
 from store.rows import rfc3339
@@ -94,7 +95,7 @@ class _Turn:
         self.conversation_id: uuid.UUID = run["conversation_id"]
         self.turn_id: str = run["turn_id"]
         self.request: dict = run["request"]
-        self.stop_reason: str | None = None  # "cancelled" | "shutdown" | "fenced"
+        self.stop_reason: str | None = None  # "cancelled" | "shutdown" | "fenced" | "erased"
         self.waiting: asyncio.Task | None = None  # the upstream stream or the wait for results
         self.waited = False  # began while every slot was taken: its status says queued until one frees
         self.holding = False  # holds one of the runner's slots (not while it waits for tool results)
@@ -132,6 +133,7 @@ class Runner:
         self.closing = False
         self._beat: asyncio.Task | None = None
         self._unlisten = None
+        self._unlisten_erased = None
         self._claiming: asyncio.Task | None = None
         self._renewed = time.monotonic()
 
@@ -144,6 +146,8 @@ class Runner:
             log.warning("runner: first heartbeat failed (%s); retrying in the background", exc)
         if self.store.listener is not None:  # cancels and queued requests, from every process
             self._unlisten = await self.store.listener.listen(CHANNEL, self._on_signal, self.kick)
+            # an erased conversation's turns stop at once (their appends would be refused anyway)
+            self._unlisten_erased = await self.store.listener.listen(erasure.CHANNEL, self._on_erased, lambda: None)
         self._beat = asyncio.create_task(self._beat_loop(), name="chatlog-runner-beat")
 
     def begin_shutdown(self) -> None:
@@ -164,6 +168,8 @@ class Runner:
             await asyncio.wait(set(self.tasks), timeout=grace)
         if self._unlisten is not None:
             await self._unlisten()
+        if self._unlisten_erased is not None:
+            await self._unlisten_erased()
         try:
             await self.turns.retire(self.id)
         except Exception:  # noqa: BLE001 -- shutting down: the lease expires by itself
@@ -237,6 +243,15 @@ class Runner:
         if turn is not None:
             turn.stop("cancelled")
 
+    def _on_erased(self, payload: str) -> None:
+        """A conversation was erased (store/erasure.py): its turns here stop
+        writing; its queued requests went with it (the erase deleted them)."""
+        conversation, principal = payload.split(":", 1)
+        cid = uuid.UUID(conversation)
+        for turn in list(self.running.values()):
+            if turn.principal == principal and turn.conversation_id == cid:
+                turn.stop("erased")
+
     # -- the queue ----------------------------------------------------------------------
 
     def kick(self) -> None:
@@ -269,6 +284,8 @@ class Runner:
                 log.info("runner: queued turn %s waits: %s", turn.turn_id, exc.message)
                 await self.turns.requeue(*turn.key)
                 return
+            except NotFound:  # its conversation was erased, and the request with it
+                continue
             except Unavailable as exc:
                 log.warning("runner: beginning queued turn %s failed: %s", turn.turn_id, exc)
                 if isinstance(exc, OutcomeUnknown):
@@ -312,6 +329,8 @@ class Runner:
         self.starting += 1
         try:
             return await self._start(principal, conversation_id, request)
+        except asyncpg.ForeignKeyViolationError:  # its row was refused: the conversation was erased meanwhile
+            raise await self.store.missing(principal, conversation_id) from None
         finally:
             self.starting -= 1
 
@@ -345,7 +364,7 @@ class Runner:
         turn = _Turn(run)
         try:
             await self._begin(turn)
-        except InvalidEvent as exc:
+        except (InvalidEvent, NotFound) as exc:  # NotFound: erased meanwhile (410), nothing begun
             await self.turns.remove(principal, conversation_id, turn_id)
             if exc.details.get("rule") in ("one_open_turn", "no_message_during_turn"):
                 current = await self.store.get_conversation(principal, conversation_id)
@@ -440,10 +459,13 @@ class Runner:
 
     async def _append(self, turn: _Turn, events: list[tuple[str, dict]]):
         """Append `events` to the turn's conversation (patiently); TurnClosed
-        when the log refuses because the turn is closed."""
+        when the log refuses because the turn is closed, or its conversation
+        was erased."""
         batch = [NewEvent(t, d) for t, d in events]
         try:
             return await self._patiently(self.store.append, turn.principal, turn.conversation_id, batch)
+        except NotFound as exc:
+            raise TurnClosed(exc.message) from None
         except InvalidEvent as exc:
             if exc.details.get("rule") in ("needs_open_turn", "needs_started_call"):
                 raise TurnClosed(exc.message) from None
@@ -480,9 +502,11 @@ class Runner:
             await self._run(turn)
         except TurnClosed:
             pass
+        except NotFound:  # its conversation was erased (a read of it answered so): nothing to close
+            pass
         except Exception as exc:  # noqa: BLE001 -- a turn never stays open because of a bug
             log.exception("runner: turn %s failed", turn.turn_id)
-            if turn.stop_reason not in ("cancelled", "fenced"):
+            if turn.stop_reason not in ("cancelled", "fenced", "erased"):
                 try:
                     await self._append(turn, [turn_failed(turn.turn_id, {"code": "internal_error", "message": str(exc)})])
                 except Exception:  # noqa: BLE001

@@ -16,8 +16,22 @@ class NotFound(StoreError):
     code = "not_found"
 
 
+class ConversationErased(NotFound):
+    """The principal's conversation was erased (DELETE): gone for good, 410
+    for its owner. A NotFound still, to every caller that only asks whether
+    the conversation is there; details are its tombstone (store/erasure.py)."""
+
+    code = "conversation_erased"
+
+
 class ConversationExists(StoreError):
     code = "conversation_exists"
+
+
+class ErasedIdReused(ConversationExists):
+    """Creating (or forking into) the id of an erased conversation: an id is never used twice."""
+
+    code = "conversation_erased"
 
 
 class SeqConflict(StoreError):

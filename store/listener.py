@@ -25,6 +25,12 @@ from the buffer. A reader that has fallen behind the buffer reads from the
 store itself, so a slow reader never holds memory or slows anyone else, and
 never loses an event.
 
+An erased conversation (store/erasure.py) ends its streams: the erase
+function's NOTIFY `chatlog_erased` reaches every process, whose tail for it
+is marked erased and woken, and each of its readers' follow() returns (the
+client's reconnect is answered 410). A lost notification is made up for by
+the sweep, which finds the conversation's row gone.
+
 A buffered batch is handed to every reader as the same `LiveBatch` (a list
 with a `memo` dict), so readers at the same point can share what they make of
 it: api/sse.py encodes a batch's frames once per format there, and N readers
@@ -45,6 +51,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
+from store import erasure
 from store.errors import Unavailable
 
 log = logging.getLogger("chatlog.listener")
@@ -59,6 +66,8 @@ Key = tuple[str, uuid.UUID]
 ReadEvents = Callable[[Key, int, int], Awaitable[list[dict]]]
 # keys -> their conversations' current seq
 ReadHeads = Callable[[list[Key]], Awaitable[dict[Key, int]]]
+# told of every erased conversation this process hears of
+OnErased = Callable[[Key], None]
 
 SWEEP_SECONDS = 1.0
 # a live reader takes one fetched batch at a time: at most this many events
@@ -94,6 +103,7 @@ class Tail:
         self._fetching: asyncio.Task | None = None
         self._changed = asyncio.Event()
         self.failing_since: float | None = None  # monotonic time of the first failed fetch in a row
+        self.erased = False  # the conversation was erased: its readers end
         self.beats = 0  # heartbeats so far: a reader with nothing to send at a new one sends a ping
         self._heartbeat = float("inf")
         self._beating: asyncio.Task | None = None
@@ -206,11 +216,12 @@ class Listener:
 
     KEEPALIVE_SECONDS = 10.0
 
-    def __init__(self, dsn: str, read: ReadEvents, heads: ReadHeads, buffer_size: int = 1024,
-                 connect_timeout: float = 2.0) -> None:
+    def __init__(self, dsn: str, read: ReadEvents, heads: ReadHeads, on_erased: OnErased = lambda key: None,
+                 buffer_size: int = 1024, connect_timeout: float = 2.0) -> None:
         self._dsn = dsn
         self._read = read
         self._heads = heads
+        self._on_erased = on_erased
         self._buffer_size = buffer_size
         self._connect_timeout = connect_timeout
         self.tails: dict[Key, Tail] = {}
@@ -282,7 +293,8 @@ class Listener:
                 self._healthy_at = time.monotonic()
                 continue
             started = time.monotonic()
-            query = asyncio.ensure_future(self._heads(list(self.tails)))
+            keys = list(self.tails)
+            query = asyncio.ensure_future(self._heads(keys))
             while not (await asyncio.wait({query}, timeout=0.5))[0]:
                 if self._sweep_stalled():
                     self._wake_all()
@@ -298,6 +310,9 @@ class Listener:
                 tail = self.tails.get(key)
                 if tail is not None:
                     tail.behind(head)
+            for key in keys:
+                if key not in heads:  # followed, so it existed: its row is gone, it was erased
+                    self._erase(key)
 
     def _sweep_stalled(self) -> bool:
         return time.monotonic() - self._healthy_at > STALL_SECONDS
@@ -319,6 +334,7 @@ class Listener:
                                              server_settings={"application_name": APPLICATION_NAME})
                 conn.add_termination_listener(lambda _: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(erasure.CHANNEL, self._on_erase_notify)
                 for channel, deliver, _ in list(self._channels):
                     await conn.add_listener(channel, deliver)
                 self._conn, delay = conn, 0.1
@@ -361,10 +377,24 @@ class Listener:
         if tail is not None:
             tail.announce(int(first), int(last))
 
+    def _on_erase_notify(self, _conn, _pid, _channel, payload: str) -> None:
+        conversation, principal = payload.split(":", 1)
+        self._erase((principal, uuid.UUID(conversation)))
+
+    def _erase(self, key: Key) -> None:
+        tail = self.tails.get(key)
+        if tail is not None:
+            if tail.erased:
+                return
+            tail.erased = True
+            tail._wake()
+        self._on_erased(key)
+
     async def follow(self, key: Key, after: int, heartbeat: float) -> AsyncIterator[list[dict]]:
         """Committed events after `after`, in order, until the server shuts
-        down; an empty list is a heartbeat (one at least every `heartbeat`
-        seconds while nothing new comes; the tail's one timer beats them).
+        down or the conversation is erased; an empty list is a heartbeat (one
+        at least every `heartbeat` seconds while nothing new comes; the tail's
+        one timer beats them).
         Raises Unavailable when the store has been failing for STALL_SECONDS.
 
         Subscribes BEFORE reading the store, so nothing committed between the
@@ -378,7 +408,7 @@ class Listener:
         tail.join(after, heartbeat)
         try:
             cursor, sent, beats = after, False, tail.beats
-            while not self.closing:
+            while not self.closing and not tail.erased:
                 events = tail.after(cursor)
                 if events is None:
                     events = await self._read(key, cursor, READ_LIMIT)

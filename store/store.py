@@ -16,9 +16,9 @@ import orjson
 
 import domain
 import projections
-from store import feed
+from store import erasure, feed
 from store.rows import conversation_dict
-from store.errors import ConversationExists, NotFound, OutOfRange
+from store.errors import ConversationExists, ErasedIdReused, NotFound, OutOfRange
 from store.folds import HISTORY, UI, FoldReader
 from store.listener import Listener
 from store.pool import CONNECTION_ERRORS, Pool, create_pool, unavailable
@@ -75,7 +75,7 @@ class Store:
         self.history = FoldReader(self.pool, HISTORY)
         self.ui_states = FoldReader(self.pool, UI)
         # live readers need a LISTEN connection of their own: only with a dsn
-        self.listener = Listener(dsn, self.tail_events, self.heads) if dsn else None
+        self.listener = Listener(dsn, self.tail_events, self.heads, self._erased) if dsn else None
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.0,
@@ -124,13 +124,18 @@ class Store:
             row = await tx.conn.fetchrow(
                 """INSERT INTO conversations (id, principal, seq, created_at, updated_at, metadata, title,
                                               open_turn_id, state)
-                   VALUES ($1, $2, $3, statement_timestamp(), statement_timestamp(), $4, $5, $6, $7)
+                   SELECT $1, $2, $3, statement_timestamp(), statement_timestamp(), $4, $5, $6, $7
+                    -- an erased id is never used again (the writer's lock orders this after any erasure)
+                    WHERE NOT EXISTS (SELECT 1 FROM erased_conversations WHERE principal = $2 AND conversation_id = $1)
                    ON CONFLICT (principal, id) DO NOTHING
                    RETURNING *""",
                 conversation_id, principal, len(events), data["metadata"], conversation.title,
                 conversation.open_turn_id, state,
             )
             if row is None:
+                if await erasure.tombstone(tx.conn, principal, conversation_id) is not None:
+                    raise ErasedIdReused(f"conversation {conversation_id} was erased; its id cannot be used again",
+                                         conversation_id=str(conversation_id))
                 raise ConversationExists(f"a conversation with id {conversation_id} already exists",
                                          conversation_id=str(conversation_id))
             await self._write(tx, principal, conversation_id, events, row["created_at"])
@@ -144,8 +149,11 @@ class Store:
         appends of its group: store/appends.py)."""
         if not events:
             raise ValueError("an append needs at least one event")
-        return await self.writer.submit(_lock_key(principal, conversation_id), len(events),
-                                        Append(principal, conversation_id, events, expected_seq))
+        try:
+            return await self.writer.submit(_lock_key(principal, conversation_id), len(events),
+                                            Append(principal, conversation_id, events, expected_seq))
+        except NotFound:
+            raise await self.missing(principal, conversation_id) from None
 
     async def fork(self, principal: str, source_id: uuid.UUID, at_seq: int,
                    conversation_id: uuid.UUID | None = None, metadata: dict | None = None) -> dict:
@@ -196,7 +204,7 @@ class Store:
         row = await self.pool.fetchrow("SELECT * FROM conversations WHERE id = $1 AND principal = $2",
                                        conversation_id, principal)
         if row is None:
-            raise NotFound(f"conversation {conversation_id} was not found")
+            raise await self.missing(principal, conversation_id)
         return conversation_dict(row)
 
     async def list_conversations(self, principal: str, limit: int, before: uuid.UUID | datetime | None) -> list[dict]:
@@ -228,7 +236,7 @@ class Store:
         current = await self.pool.fetchval("SELECT seq FROM conversations WHERE id = $1 AND principal = $2",
                                            conversation_id, principal)
         if current is None:
-            raise NotFound(f"conversation {conversation_id} was not found")
+            raise await self.missing(principal, conversation_id)
         if at_seq is not None:
             if not 1 <= at_seq <= current:
                 raise OutOfRange(f"at_seq must be between 1 and {current}, the conversation's current seq",
@@ -278,7 +286,7 @@ class Store:
                 WHERE c.id = $1 AND c.principal = $2""",
             conversation_id, principal, after, limit)
         if not rows:
-            raise NotFound(f"conversation {conversation_id} was not found")
+            raise await self.missing(principal, conversation_id)
         events = [dict(r) for r in rows if r["seq"] is not None]
         for event in events:
             del event["current_seq"]
@@ -305,7 +313,10 @@ class Store:
                   AND e.type IN {_TURN_BOUNDS}
                 ORDER BY e.seq""",
             conversation_id, principal, turn_id)
-        if not rows or rows[0]["type"] != "turn.started":
+        if not rows:
+            raise await self.missing(principal, conversation_id,
+                                      f"turn {turn_id} was not found in conversation {conversation_id}")
+        if rows[0]["type"] != "turn.started":
             raise NotFound(f"turn {turn_id} was not found in conversation {conversation_id}")
         return rows[0]["seq"], rows[1]["seq"] if len(rows) > 1 else None
 
@@ -323,6 +334,26 @@ class Store:
                  JOIN conversations c ON c.principal = k.principal AND c.id = k.id""",
             [k[0] for k in keys], [k[1] for k in keys])
         return {(r["principal"], r["id"]): r["seq"] for r in rows}
+
+    # -- erasure (store/erasure.py) -----------------------------------------------
+
+    async def erase(self, principal: str, conversation_id: uuid.UUID) -> dict:
+        """Erase the conversation for good (DELETE); its tombstone."""
+        tombstone = await erasure.erase(self.pool, principal, conversation_id)
+        self._erased((principal, conversation_id))
+        return tombstone
+
+    async def missing(self, principal: str, conversation_id: uuid.UUID, message: str | None = None) -> NotFound:
+        """The principal's conversation row is not there: ConversationErased or NotFound."""
+        return await erasure.missing(self.pool, principal, conversation_id, message)
+
+    def _erased(self, key: tuple[str, uuid.UUID]) -> None:
+        """A conversation was erased (here, or in any process: the listener
+        calls this): no folded state of it stays in memory. Every read checks
+        the conversations row before it folds, so none would be served; this
+        is about keeping none. Erasures are rare: the caches start over."""
+        self.history.forget()
+        self.ui_states.forget()
 
     async def secret(self, name: str) -> str:
         value = await self.pool.fetchval("SELECT value FROM secrets WHERE name = $1", name)

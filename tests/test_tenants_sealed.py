@@ -45,6 +45,8 @@ CALLS: dict[tuple[str, str], dict] = {
     ("GET", f"{C}/turns/{{turn_id}}"): {},
     ("GET", f"{C}/turns/{{turn_id}}/requests"): {},
     ("POST", f"{C}/turns/{{turn_id}}/cancel"): {},
+    # erasure: bob's DELETE erases nothing of alice's (tests/test_erasure.py: the owner's)
+    ("DELETE", C): {},
 }
 # Routes without a conversation in their path, and where this file checks them.
 OTHER_ROUTES = {

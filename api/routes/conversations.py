@@ -1,4 +1,4 @@
-"""POST/GET /v1/conversations, GET /v1/conversations/{id}."""
+"""POST/GET /v1/conversations, GET and DELETE /v1/conversations/{id}."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 
 from fastapi import APIRouter, Query
+from starlette.responses import Response
 
 from api.deps import TIME_TEXT, UUID_TEXT, BodyDep, ConversationIdDep, PrincipalDep, StoreDep, parse_time, parse_uuid
 from api.errors import ApiError
@@ -53,3 +54,10 @@ async def list_conversations(principal: PrincipalDep, store: StoreDep,
 @router.get("/{conversation_id}", openapi_extra=operation(ok={200: "Conversation"}))
 async def get_conversation(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep):
     return JSONResponse(await store.get_conversation(principal, conversation_id))
+
+
+@router.delete("/{conversation_id}", status_code=204, openapi_extra=operation(errors=(410,)))
+async def delete_conversation(principal: PrincipalDep, conversation_id: ConversationIdDep, store: StoreDep):
+    """Erasure, for good (store/erasure.py). Again: 410 conversation_erased, its tombstone in details."""
+    await store.erase(principal, conversation_id)
+    return Response(status_code=204)
