@@ -382,7 +382,7 @@ def _server_tools(run: dict | None) -> list[str]:
     return ((run or {}).get("request") or {}).get("ai_sdk_server_tools") or []
 
 
-@router.post("/chat", openapi_extra=operation(ChatRequest, sse=True, errors=(409, 503)))
+@router.post("/chat", openapi_extra=operation(ChatRequest, sse=True, errors=(409, 410, 503)))
 async def ai_sdk_chat(request: Request, principal: PrincipalDep, body: BodyDep, store: StoreDep,
                       settings: SettingsDep):
     parsed = parse(ChatRequest, body)
