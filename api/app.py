@@ -16,6 +16,7 @@ from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
 from api.routes import ai_sdk, conversations, events, feed, health, messages, stream, stream_token, turns
+from api.routes import inspect as inspector
 from api.settings import Settings
 from runner.runner import Runner
 from store import Store
@@ -114,5 +115,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                                            ai_sdk.TURN_HEADER], max_age=600)
     for module in (conversations, events, feed, health, messages, stream, stream_token, turns, ai_sdk):
         app.include_router(module.router)
+    inspector.install(app)  # /inspect: the time-travel inspector (static files)
     openapi.install(app)
     return app
