@@ -15,7 +15,7 @@ from api import errors, openapi
 from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
-from api.routes import ai_sdk, conversations, events, feed, health, messages, stream, stream_token, turns
+from api.routes import ai_sdk, audit, conversations, events, feed, health, messages, stream, stream_token, turns
 from api.routes import inspect as inspector
 from api.settings import Settings
 from runner.runner import Runner
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                            expose_headers=["x-vercel-ai-ui-message-stream", ai_sdk.CONVERSATION_HEADER,
                                            ai_sdk.TURN_HEADER], max_age=600)
-    for module in (conversations, events, feed, health, messages, stream, stream_token, turns, ai_sdk):
+    for module in (conversations, events, feed, health, messages, stream, stream_token, turns, ai_sdk, audit):
         app.include_router(module.router)
     inspector.install(app)  # /inspect: the time-travel inspector (static files)
     openapi.install(app)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError, WithJsonSchema, create_model
 
 from api.errors import ApiError
+from domain.chain import MAX_SAFE, unsafe_number
 from domain.schemas import SCHEMAS, problems
 
 # What the store's columns can hold: a seq is a 32-bit integer, a position a
@@ -104,4 +105,11 @@ def parse(model: type[Body], body: Any) -> Any:
         raise ApiError(422, "invalid_request",
                        f"{field}: contains a NUL character (\\u0000), which cannot be stored",
                        errors=[{"field": field, "problem": "contains a NUL character"}])
+    # what a body carries may end up in an event, whose hash needs every number
+    # exact after the store's round trip (events' own: the store's rule safe_numbers)
+    where = unsafe_number({k: v for k, v in body.items() if k not in model.nul_checked_elsewhere})
+    if where is not None:
+        field = field_name(where)
+        problem = f"is a number beyond ±(2^53 − 1) ({MAX_SAFE}), which cannot be kept exactly; send it as a string"
+        raise ApiError(422, "invalid_request", f"{field}: {problem}", errors=[{"field": field, "problem": problem}])
     return parsed

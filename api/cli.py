@@ -11,6 +11,7 @@ import sys
 
 from pydantic import ValidationError
 
+from api.audit_cli import add_commands as add_audit_commands
 from api.settings import Settings
 from store.migrate import migrate_url
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     fake.set_defaults(func=fake_upstream)
     mig = commands.add_parser("migrate", help="apply migrations to DATABASE_URL")
     mig.set_defaults(func=migrate)
+    add_audit_commands(commands)  # verify, digest, export (api/audit_cli.py)
     commands.add_parser("bench", help="measure chatlog side by side with its baselines (bench/README.md)",
                            add_help=False)
     args, rest = parser.parse_known_args(argv)

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api.bodies import EventIn
+from domain.chain import MAX_SAFE, REASONS
 from domain.schemas import SCHEMAS
 
 _REF = "#/components/schemas/{model}"
@@ -44,6 +45,7 @@ def _nullable(schema: dict) -> dict:
 
 
 _TIME = {"type": "string", "format": "date-time"}
+_HASH = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _OBJECT = {"type": "object"}
 
 # What the API answers, as JSON Schema (the store builds these dicts; they
@@ -59,12 +61,20 @@ _SCHEMAS: dict[str, dict] = {
     },
     "StoredEvent": {
         "type": "object", "additionalProperties": False,
-        "required": ["conversation_id", "seq", "position", "id", "type", "data", "created_at"],
+        "required": ["conversation_id", "seq", "position", "id", "type", "data", "created_at", "hash"],
         "properties": {"conversation_id": {"type": "string", "format": "uuid"},
                        "seq": {"type": "integer", "minimum": 1}, "position": {"type": "integer", "minimum": 0},
                        "id": {"type": "string"}, "type": {"type": "string"}, "data": _OBJECT,
-                       "created_at": _TIME},
+                       "created_at": _TIME, "hash": _HASH},
     },
+    "Verification": {"oneOf": [
+        {"type": "object", "additionalProperties": False, "required": ["ok", "verified_through_seq", "head_hash"],
+         "properties": {"ok": {"const": True}, "verified_through_seq": {"type": "integer", "minimum": 1},
+                        "head_hash": _HASH}},
+        {"type": "object", "additionalProperties": False, "required": ["ok", "first_bad_seq", "reason"],
+         "properties": {"ok": {"const": False}, "first_bad_seq": {"type": "integer", "minimum": 1},
+                        "reason": {"enum": list(REASONS)}}},
+    ]},
     "Conversation": {
         "type": "object", "additionalProperties": False,
         "required": ["id", "seq", "created_at", "updated_at", "metadata", "title", "open_turn_id"],
@@ -184,7 +194,7 @@ def _event_schemas() -> dict[str, dict]:
 _NO_NUL = "^[^\\u0000]*$"
 # Any JSON without NUL in a string or a key (pydantic's JsonValue, as the API stores it).
 _JSON_VALUE = {"anyOf": [
-    {"type": ["number", "boolean", "null"]},
+    {"type": ["number", "boolean", "null"], "minimum": -MAX_SAFE, "maximum": MAX_SAFE},
     {"type": "string", "pattern": _NO_NUL},
     {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
     {"type": "object", "propertyNames": {"pattern": _NO_NUL},
@@ -194,7 +204,8 @@ _JSON_VALUE = {"anyOf": [
 
 def _request_rules(schema: Any) -> None:
     """Say, in a request schema, what the API refuses whatever the field: NUL
-    in strings and keys (PostgreSQL), integers orjson cannot read as such."""
+    in strings and keys (PostgreSQL), numbers the hash chain cannot keep exactly
+    (beyond ±(2^53 − 1): the rule safe_numbers)."""
     if isinstance(schema, list):
         for item in schema:
             _request_rules(item)
@@ -207,9 +218,9 @@ def _request_rules(schema: Any) -> None:
         schema["pattern"] = _NO_NUL
     if "object" in types and schema.get("additionalProperties") not in (None, False):
         schema.setdefault("propertyNames", {"pattern": _NO_NUL})
-    if "integer" in types:
-        schema.setdefault("minimum", -(2**63))
-        schema.setdefault("maximum", 2**64 - 1)
+    if "integer" in types or "number" in types:
+        schema.setdefault("minimum", -MAX_SAFE)
+        schema.setdefault("maximum", MAX_SAFE)
     for key, value in schema.items():
         if key not in ("const", "enum", "default", "examples"):
             _request_rules(value)

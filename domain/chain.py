@@ -100,6 +100,26 @@ def canonical(value: Any) -> bytes:
         return rfc8785.dumps(_as_doubles(value))
 
 
+class UnsafeNumber(ValueError):
+    """A number beyond ±(2^53 − 1): no hash of it survives the way back from the store (rule `safe_numbers`)."""
+
+    def __init__(self, path: tuple) -> None:
+        where = ".".join(map(str, path)) or "the value"
+        super().__init__(f"{where} is a number beyond ±(2^53 − 1) (9007199254740991), which JSON parsers and the "
+                         "hash chain cannot hold exactly; send it as a string")
+        self.path = path
+
+
+def canonical_new(value: Any) -> bytes:
+    """canonical() of data about to be stored: UnsafeNumber when it holds a number the chain cannot keep."""
+    if _plain(value):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    path = unsafe_number(value)
+    if path is not None:
+        raise UnsafeNumber(path)
+    return rfc8785.dumps(value)
+
+
 def jcs_object(members: dict[str, bytes]) -> bytes:
     """The JCS form of an object whose members' values are already JCS bytes
     (for large values, e.g. a digest's list, serialised once, piece by piece)."""

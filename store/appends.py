@@ -18,8 +18,17 @@ inside the group's transaction, after it has taken the group's locks. Then:
    conversation's head and sends the notifications (delivered at COMMIT).
 
 Positions are the transaction's xid << INDEX_BITS plus the index the writer's
-Transaction hands out, so the statement returns only the xid and its own
-timestamp, and the stored events are built here.
+Transaction hands out, so the statement returns only the xid, and the stored
+events are built here.
+
+The hash chain (domain/chain.py) is computed here too, in Python, between the
+two statements: statement 1 reads each conversation's head hash with its
+locked row, and its own timestamp, which is the events' created_at (never
+earlier than the conversation's last write: created_at does not go backwards
+within a conversation even if the clock does). Every event of the group is
+hashed from those, statement 3 stores the hashes and moves each head hash. So
+an append costs the same hashing however long its conversation is, and no
+round trip more.
 """
 
 from __future__ import annotations
@@ -33,39 +42,42 @@ from typing import Any
 import orjson
 
 import domain
-from store.errors import IdempotencyConflict, InvalidEvent, NotFound, SeqConflict, StoreError
+from domain import chain
+from store.errors import IdempotencyConflict, InvalidEvent, NotFound, SeqConflict, StoreError, Unavailable
 from store.positions import INDEX_BITS
 from store.rows import rfc3339
 from store.writer import Batched, Transaction
 
 # Statement 1. $1/$2: the conversations (principal, id), numbered from 1 in
 # this order; the probes name a conversation by that number. Every result row
-# says what it is: 'head' (a locked conversation row), 'event' (a stored event
-# with a given id), 'turn' (a turn id already used), 'call' (a tool call that
-# exists and is not live; `final`: it has its final result). Calls the row's
-# saved state holds are live: not probed.
+# says what it is: 'head' (a locked conversation row, its head hash and this
+# statement's timestamp), 'event' (a stored event with a given id), 'turn' (a
+# turn id already used), 'call' (a tool call that exists and is not live;
+# `final`: it has its final result). Calls the row's saved state holds are
+# live: not probed.
 _READ = """
 WITH k AS MATERIALIZED (
     SELECT principal, id, n::int FROM unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS k(principal, id, n)
 ), head AS MATERIALIZED (
-    SELECT k.n, c.seq, c.state, c.updated_at
+    SELECT k.n, c.seq, c.state, c.updated_at, c.head_hash
       FROM k JOIN conversations c ON c.principal = k.principal AND c.id = k.id
      ORDER BY k.n
        FOR UPDATE OF c
 )
 SELECT 'head' AS kind, n, seq, state, updated_at AS at, NULL::text AS id, NULL::bigint AS position,
-       NULL::text AS type, NULL::jsonb AS data, NULL::boolean AS final
+       NULL::text AS type, NULL::jsonb AS data, NULL::boolean AS final, head_hash AS hash,
+       statement_timestamp() AS now
   FROM head
 UNION ALL
-SELECT 'event', p.n, e.seq, NULL, e.created_at, e.id, e.position, e.type, e.data, NULL
+SELECT 'event', p.n, e.seq, NULL, e.created_at, e.id, e.position, e.type, e.data, NULL, e.hash, NULL
   FROM unnest($3::int[], $4::text[]) AS p(n, id) JOIN k USING (n)
  -- one unique-index lookup per id (LIMIT 1 keeps the planner from
  -- flattening it into a walk of the whole conversation)
  CROSS JOIN LATERAL (
-       SELECT seq, position, id, type, data, created_at FROM events
+       SELECT seq, position, id, type, data, created_at, hash FROM events
         WHERE principal = k.principal AND conversation_id = k.id AND id = p.id LIMIT 1) e
 UNION ALL
-SELECT 'turn', p.n, NULL, NULL, NULL, p.id, NULL, NULL, NULL, NULL
+SELECT 'turn', p.n, NULL, NULL, NULL, p.id, NULL, NULL, NULL, NULL, NULL, NULL
   FROM unnest($5::int[], $6::text[]) AS p(n, id) JOIN k USING (n)
  WHERE EXISTS (SELECT 1 FROM events e WHERE e.principal = k.principal AND e.conversation_id = k.id
                   AND e.type = 'turn.started' AND e.data ->> 'turn_id' = p.id)
@@ -73,37 +85,38 @@ UNION ALL
 SELECT 'call', p.n, NULL, NULL, NULL, p.id, NULL, NULL, NULL,
        EXISTS (SELECT 1 FROM events e WHERE e.principal = k.principal AND e.conversation_id = k.id
                   AND e.type = 'tool.result' AND (e.data ->> 'status') <> 'pending'
-                  AND e.data ->> 'tool_call_id' = p.id)
+                  AND e.data ->> 'tool_call_id' = p.id), NULL, NULL
   FROM unnest($7::int[], $8::text[]) AS p(n, id) JOIN k USING (n) JOIN head USING (n)
  WHERE NOT (head.state -> 'calls' ? p.id)
    AND EXISTS (SELECT 1 FROM events e WHERE e.principal = k.principal AND e.conversation_id = k.id
                   AND e.type = 'tool_call.started' AND e.data ->> 'tool_call_id' = p.id)
 """
 
-# Statement 3. $1..$7: the new heads (one per conversation written); $8..$13:
-# the events, each naming its head by number; $14: the notifications.
-# created_at never goes backwards within a conversation: greatest() with the
-# conversation's last write time (read under its lock) guards against clock steps.
+# Statement 3. $1..$8: the new heads (one per conversation written: `at` is
+# its events' created_at, `head_hash` its last event's hash); $9..$15: the
+# events, each naming its head by number; $16: the notifications.
 _WRITE = f"""
 WITH h AS MATERIALIZED (
-    SELECT principal, id, seq, state::jsonb, open_turn_id, title, floor, n::int
-      FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-           WITH ORDINALITY AS h(principal, id, seq, state, open_turn_id, title, floor, n)
+    SELECT principal, id, seq, state::jsonb, open_turn_id, title, at, head_hash, n::int
+      FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
+                  $8::text[])
+           WITH ORDINALITY AS h(principal, id, seq, state, open_turn_id, title, at, head_hash, n)
 ), ins AS (
-    INSERT INTO events (principal, conversation_id, seq, position, id, type, data, created_at)
+    INSERT INTO events (principal, conversation_id, seq, position, id, type, data, created_at, hash)
     SELECT h.principal, h.id, e.seq, (pg_current_xact_id()::text::bigint << {INDEX_BITS}) + e.idx,
-           e.id, e.type, e.data::jsonb, greatest(statement_timestamp(), h.floor)
-      FROM unnest($8::int[], $9::int[], $10::int[], $11::text[], $12::text[], $13::text[]) AS e(n, seq, idx, id, type, data)
+           e.id, e.type, e.data::jsonb, h.at, e.hash
+      FROM unnest($9::int[], $10::int[], $11::int[], $12::text[], $13::text[], $14::text[], $15::text[])
+           AS e(n, seq, idx, id, type, data, hash)
       JOIN h USING (n)
 ), moved AS (
     UPDATE conversations c
-       SET seq = h.seq, state = h.state, updated_at = greatest(statement_timestamp(), h.floor),
+       SET seq = h.seq, state = h.state, updated_at = h.at, head_hash = h.head_hash,
            open_turn_id = h.open_turn_id, title = coalesce(h.title, c.title)
       FROM h
      WHERE c.principal = h.principal AND c.id = h.id
 )
-SELECT pg_current_xact_id()::text::bigint AS xid, statement_timestamp() AS at,
-       (SELECT count(pg_notify('chatlog_events', x)) FROM unnest($14::text[]) AS x) AS notified
+SELECT pg_current_xact_id()::text::bigint AS xid,
+       (SELECT count(pg_notify('chatlog_events', x)) FROM unnest($16::text[]) AS x) AS notified
 """
 
 # A write this large (a fork's copy, a huge batch) may take longer than a statement is allowed.
@@ -149,6 +162,7 @@ class _Write:
     first_seq: int
     first_index: int
     ids: list[str]
+    hashes: list[str]
     stored: list[dict] = field(default_factory=list)
 
     @property
@@ -164,7 +178,8 @@ class _Head:
     conversation_id: uuid.UUID
     seq: int
     state: dict
-    floor: datetime  # its last write time: no event of this group is earlier
+    at: datetime  # its events' created_at: statement 1's time, or its last write time if the clock went back
+    hash: str | None  # the hash of its last event (the head of its chain)
     stored: dict[str, Any] = field(default_factory=dict)  # probed event id -> stored row
     turn_ids: set[str] = field(default_factory=set)  # turn ids used (stored or in this group)
     calls: dict[str, str] = field(default_factory=dict)  # calls no longer live: id -> FINAL or ABANDONED
@@ -200,26 +215,46 @@ class _Head:
             )
         return [found[e.id][2] for e in events]
 
-    def check(self, events: list[NewEvent], expected_seq: int | None) -> domain.Rules:
-        """The rule state after `events`, or the refusal (nothing of this head changes either way)."""
+    def check(self, events: list[NewEvent], expected_seq: int | None,
+              hashing: bool = True) -> tuple[domain.Rules, list[bytes]]:
+        """The rule state after `events` and their data as the chain hashes it
+        (JCS), or the refusal (nothing of this head changes either way)."""
         if expected_seq is not None and expected_seq != self.seq:
             raise SeqConflict(f"expected_seq is {expected_seq} but the conversation is at seq {self.seq}",
                               current_seq=self.seq)
+        if self.hash is None and hashing:
+            raise Unavailable(f"conversation {self.conversation_id} has no head hash yet: the hash chain's backfill "
+                              "(chatlog migrate) has not finished; nothing was written")
         known = domain.Known(turn_ids=frozenset(self.turn_ids), calls=self.calls)
         conversation = domain.resume(self.state, known)
+        datas = []
         for index, new in enumerate(events):
             try:
                 domain.check(conversation, new.type, new.data)
+                datas.append(chain.canonical_new(new.data) if hashing else b"")
             except domain.RuleBroken as broken:
                 raise InvalidEvent.at(index, new.type, broken.rule, broken.message) from None
-        return conversation
+            except chain.UnsafeNumber as unsafe:
+                raise InvalidEvent.at(index, new.type, "safe_numbers", f"data.{unsafe}") from None
+        return conversation, datas
 
-    def accept(self, tx: Transaction, events: list[NewEvent], conversation: domain.Rules) -> _Write:
+    def accept(self, tx: Transaction, events: list[NewEvent], checked: tuple[domain.Rules, list[bytes]],
+               hashing: bool = True) -> _Write:
+        conversation, datas = checked
         ids = [e.id for e in events]
         if None in ids:
             fresh = iter(new_ids(ids.count(None)))
             ids = [i if i is not None else next(fresh) for i in ids]
-        write = _Write(self, events, self.seq + 1, tx.take(len(events)), ids)
+        hashes = []
+        if hashing:
+            cid, at, prev = str(self.conversation_id), rfc3339(self.at), self.hash
+            for k, (new, data) in enumerate(zip(events, datas)):
+                prev = chain.link(prev, chain.event_bytes(cid, self.seq + 1 + k, ids[k], new.type, data, at))
+                hashes.append(prev)
+            self.hash = prev
+        else:  # the bench's side-by-side measurement only (Store(hash_chain=False)): no chain at all
+            hashes = [chain.ZERO] * len(events)
+        write = _Write(self, events, self.seq + 1, tx.take(len(events)), ids, hashes)
         for k, i in enumerate(ids):
             self.mine[i] = (write, k)
         self.writes.append(write)
@@ -246,6 +281,7 @@ class Append(Batched):
     conversation_id: uuid.UUID
     events: list[NewEvent]
     expected_seq: int | None = None
+    hashing: bool = True  # False only for the bench's measurement of what the chain costs
 
     @classmethod
     async def run_all(cls, tx: Transaction, ops: list["Append"]) -> list[tuple[bool, Any]]:
@@ -260,7 +296,8 @@ class Append(Batched):
                 if retry is not None:
                     outcomes.append(("retry", head, retry))
                     continue
-                outcomes.append(head.accept(tx, op.events, head.check(op.events, op.expected_seq)))
+                outcomes.append(head.accept(tx, op.events, head.check(op.events, op.expected_seq, op.hashing),
+                                            op.hashing))
             except StoreError as refused:
                 outcomes.append(refused)
         written = [h for h in heads.values() if h.writes]
@@ -282,7 +319,7 @@ def _answer(outcome: Any) -> tuple[bool, Any]:
 
 def _stored_row(conversation_id: str, row: Any) -> dict:
     return {"conversation_id": conversation_id, "seq": row["seq"], "position": row["position"], "id": row["id"],
-            "type": row["type"], "data": row["data"], "created_at": rfc3339(row["at"])}
+            "type": row["type"], "data": row["data"], "created_at": rfc3339(row["at"]), "hash": row["hash"]}
 
 
 async def _read(tx: Transaction, ops: list[Append]) -> dict[tuple[str, uuid.UUID], _Head]:
@@ -314,7 +351,7 @@ async def _read(tx: Transaction, ops: list[Append]) -> dict[tuple[str, uuid.UUID
     for row in rows:
         if row["kind"] == "head":
             principal, cid = keys[row["n"] - 1]
-            heads[row["n"]] = _Head(principal, cid, row["seq"], row["state"], row["at"])
+            heads[row["n"]] = _Head(principal, cid, row["seq"], row["state"], max(row["now"], row["at"]), row["hash"])
     for row in rows:
         head = heads.get(row["n"])
         if head is None:
@@ -334,12 +371,12 @@ async def _read(tx: Transaction, ops: list[Append]) -> dict[tuple[str, uuid.UUID
 
 async def _write(tx: Transaction, heads: list[_Head]) -> None:
     """Statement 3: every accepted event, every moved head, every notification; fills in `stored`."""
-    h_cols: tuple[list, ...] = ([], [], [], [], [], [], [])
-    e_cols: tuple[list, ...] = ([], [], [], [], [], [])
+    h_cols: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+    e_cols: tuple[list, ...] = ([], [], [], [], [], [], [])
     total = 0
     for n, head in enumerate(heads, start=1):
         for column, value in zip(h_cols, (head.principal, head.conversation_id, head.seq, _dumps(head.state),
-                                          head.open_turn_id, head.title, head.floor)):
+                                          head.open_turn_id, head.title, head.at, head.hash)):
             column.append(value)
         for write in head.writes:
             events = write.events
@@ -350,19 +387,20 @@ async def _write(tx: Transaction, heads: list[_Head]) -> None:
             e_cols[3].extend(write.ids)
             e_cols[4].extend([e.type for e in events])
             e_cols[5].extend([e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events])
+            e_cols[6].extend(write.hashes)
         tx.notifications.append(f"{head.conversation_id}:{head.writes[0].first_seq}:{head.seq}:{head.principal}")
     notifications, tx.notifications = tx.notifications, []
     row = await tx.conn.fetchrow(_WRITE, *h_cols, *e_cols, notifications,
                                  timeout=None if total < _BIG_WRITE else 60.0)
-    base, at = row["xid"] << INDEX_BITS, row["at"]
+    base = row["xid"] << INDEX_BITS
     first = heads[0].writes[0]
     tx.wrote(first.head.principal, first.head.conversation_id, first.first_seq, base + first.first_index)
     for head in heads:
-        moment = rfc3339(max(at, head.floor))
+        moment = rfc3339(head.at)
         cid = str(head.conversation_id)
         for write in head.writes:
             idx, seq = base + write.first_index, write.first_seq
             write.stored = [
                 {"conversation_id": cid, "seq": seq + k, "position": idx + k, "id": write.ids[k], "type": e.type,
-                 "data": e.data, "created_at": moment}
+                 "data": e.data, "created_at": moment, "hash": write.hashes[k]}
                 for k, e in enumerate(write.events)]

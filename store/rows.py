@@ -11,7 +11,7 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-EVENT_COLUMNS = "conversation_id::text AS conversation_id, seq, position, id, type, data, created_at"
+EVENT_COLUMNS = "conversation_id::text AS conversation_id, seq, position, id, type, data, created_at, hash"
 
 
 def event_dict(row: asyncpg.Record | dict) -> dict:
@@ -23,6 +23,7 @@ def event_dict(row: asyncpg.Record | dict) -> dict:
         "type": row["type"],
         "data": row["data"],
         "created_at": rfc3339(row["created_at"]),
+        "hash": row["hash"],
     }
 
 

@@ -16,9 +16,10 @@ import orjson
 
 import domain
 import projections
-from store import erasure, feed
-from store.rows import conversation_dict
-from store.errors import ConversationExists, ErasedIdReused, NotFound, OutOfRange
+from store import audit, erasure, feed
+from domain import chain
+from store.rows import conversation_dict, rfc3339
+from store.errors import ConversationExists, ErasedIdReused, InvalidEvent, NotFound, OutOfRange
 from store.folds import HISTORY, UI, FoldReader
 from store.listener import Listener
 from store.pool import CONNECTION_ERRORS, Pool, create_pool, unavailable
@@ -33,21 +34,23 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-# The rows of one write: $1 principal, $2 conversation id, then the batch as
-# arrays ($3 seqs, $4 indexes in the transaction, $5 ids, $6 types, $7 data).
-# A position is the writing transaction's xid, then the index (store/positions.py).
-_EVENT_ROWS = f"""
-    SELECT $1::text, $2::uuid, e.seq, (pg_current_xact_id()::text::bigint << {INDEX_BITS}) + e.idx,
-           e.id, e.type, e.data::jsonb, {{created_at}}
-      FROM unnest($3::int[], $4::int[], $5::text[], $6::text[], $7::text[]) AS e(seq, idx, id, type, data)
-"""
-_COLUMNS = "INSERT INTO events (principal, conversation_id, seq, position, id, type, data, created_at)"
-
-# A new conversation's events: all at the conversation's creation time ($8).
+# A new conversation's events: $1 principal, $2 conversation id, then the
+# batch as arrays ($3 seqs, $4 indexes in the transaction, $5 ids, $6 types,
+# $7 data, $9 hashes), all at the conversation's creation time ($8); its head
+# hash ($10) goes to its row. A position is the writing transaction's xid,
+# then the index (store/positions.py).
 _CREATE_EVENTS = f"""
-{_COLUMNS}
-{_EVENT_ROWS.format(created_at="$8::timestamptz")}
-RETURNING seq, position, created_at
+WITH ins AS (
+    INSERT INTO events (principal, conversation_id, seq, position, id, type, data, created_at, hash)
+    SELECT $1::text, $2::uuid, e.seq, (pg_current_xact_id()::text::bigint << {INDEX_BITS}) + e.idx,
+           e.id, e.type, e.data::jsonb, $8::timestamptz, e.hash
+      FROM unnest($3::int[], $4::int[], $5::text[], $6::text[], $7::text[], $9::text[])
+           AS e(seq, idx, id, type, data, hash)
+    RETURNING seq, position
+), head AS (
+    UPDATE conversations SET head_hash = $10 WHERE principal = $1 AND id = $2
+)
+SELECT position FROM ins WHERE seq = 1
 """
 
 _BIG_WRITE = 5000
@@ -58,7 +61,18 @@ _TURN_BOUNDS = "(" + ", ".join(f"'{t}'" for t in ("turn.started", *sorted(domain
 
 # rows.EVENT_COLUMNS with created_at as rows.rfc3339 writes it
 _STREAM_COLUMNS = """conversation_id::text AS conversation_id, seq, position, id, type, data,
-    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at"""
+    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at, hash"""
+
+
+def _chain_data(events: list[NewEvent]) -> list[bytes]:
+    """Each event's data as the chain hashes it (JCS); the refusal of a number it cannot keep."""
+    datas = []
+    for index, new in enumerate(events):
+        try:
+            datas.append(chain.canonical_new(new.data))
+        except chain.UnsafeNumber as unsafe:
+            raise InvalidEvent.at(index, new.type, "safe_numbers", f"data.{unsafe}") from None
+    return datas
 
 
 def _lock_key(principal: str, conversation_id: uuid.UUID) -> str:
@@ -68,8 +82,11 @@ def _lock_key(principal: str, conversation_id: uuid.UUID) -> str:
 
 class Store:
     def __init__(self, pool: asyncpg.Pool | Pool, writers: int = 4, max_group_events: int = 10_000,
-                 dsn: str | None = None, outcome_timeout: float = 10.0) -> None:
+                 dsn: str | None = None, outcome_timeout: float = 10.0, hash_chain: bool = True) -> None:
         self.pool = pool if isinstance(pool, Pool) else Pool(pool)
+        # False only for `chatlog bench`'s side-by-side measurement of what the
+        # chain costs: events then carry a placeholder hash no verify accepts
+        self.hash_chain = hash_chain
         self.writer = GroupWriter(self.pool, writers=writers, max_group_events=max_group_events,
                                   outcome_timeout=outcome_timeout)
         self.history = FoldReader(self.pool, HISTORY)
@@ -79,14 +96,15 @@ class Store:
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int = 10, writers: int = 4, acquire_timeout: float = 1.0,
-                   statement_timeout: float = 1.5, outcome_timeout: float = 10.0) -> "Store":
+                   statement_timeout: float = 1.5, outcome_timeout: float = 10.0,
+                   hash_chain: bool = True) -> "Store":
         """Open a pool on `dsn` and start the listener. Waits are bounded: a
         connection within `acquire_timeout`, a statement within
         `statement_timeout`, a lost COMMIT's outcome within `outcome_timeout`."""
         raw = await create_pool(dsn, min_size=min(2, pool_size), max_size=pool_size,
                                 connect_timeout=acquire_timeout, command_timeout=statement_timeout)
         store = cls(Pool(raw, acquire_timeout, statement_timeout), writers=min(writers, pool_size), dsn=dsn,
-                    outcome_timeout=outcome_timeout)
+                    outcome_timeout=outcome_timeout, hash_chain=hash_chain)
         await store.listener.start()
         return store
 
@@ -119,6 +137,7 @@ class Store:
         """Insert the conversation row, its seq 1 and `rest` (already checked) at once."""
         state = domain.to_state(conversation)
         events = [NewEvent("conversation.created", data), *rest]
+        datas = _chain_data(events) if self.hash_chain else []
 
         async def op(tx: Transaction) -> dict:
             row = await tx.conn.fetchrow(
@@ -138,7 +157,7 @@ class Store:
                                          conversation_id=str(conversation_id))
                 raise ConversationExists(f"a conversation with id {conversation_id} already exists",
                                          conversation_id=str(conversation_id))
-            await self._write(tx, principal, conversation_id, events, row["created_at"])
+            await self._write(tx, principal, conversation_id, events, datas, row["created_at"])
             return conversation_dict(row)
 
         return await self.writer.submit(_lock_key(principal, conversation_id), len(events), op)
@@ -151,7 +170,8 @@ class Store:
             raise ValueError("an append needs at least one event")
         try:
             return await self.writer.submit(_lock_key(principal, conversation_id), len(events),
-                                            Append(principal, conversation_id, events, expected_seq))
+                                            Append(principal, conversation_id, events, expected_seq,
+                                                   self.hash_chain))
         except NotFound:
             raise await self.missing(principal, conversation_id) from None
 
@@ -184,19 +204,30 @@ class Store:
         return await self._create(principal, conversation_id, data, copies, conversation)
 
     async def _write(self, tx: Transaction, principal: str, conversation_id: uuid.UUID, events: list[NewEvent],
-                     created_at: datetime) -> None:
-        """Insert a new conversation's events from seq 1 on, and have the transaction announce them at COMMIT."""
+                     datas: list[bytes], created_at: datetime) -> None:
+        """Insert a new conversation's events from seq 1 on, chained from seq 1
+        (`datas`: their data as JCS, or empty without the chain), and have the
+        transaction announce them at COMMIT."""
         first = tx.take(len(events))
-        rows = await tx.conn.fetch(
+        ids = [e.id or str(uuid.uuid4()) for e in events]
+        hashes, prev = [], chain.ZERO
+        if datas:
+            cid, at = str(conversation_id), rfc3339(created_at)
+            for seq, (new, data) in enumerate(zip(events, datas), start=1):
+                prev = chain.link(prev, chain.event_bytes(cid, seq, ids[seq - 1], new.type, data, at))
+                hashes.append(prev)
+        else:
+            hashes = [chain.ZERO] * len(events)
+        position = await tx.conn.fetchval(
             _CREATE_EVENTS, principal, conversation_id, list(range(1, len(events) + 1)),
-            list(range(first, first + len(events))), [e.id or str(uuid.uuid4()) for e in events],
-            [e.type for e in events],
+            list(range(first, first + len(events))), ids, [e.type for e in events],
             [e.encoded.decode() if e.encoded is not None else _dumps(e.data) for e in events], created_at,
+            hashes, hashes[-1],
             # a big copy (a fork) may take longer than a statement is allowed
             timeout=None if len(events) < _BIG_WRITE else 60.0,
         )
         tx.notifications.append(f"{conversation_id}:1:{len(events)}:{principal}")
-        tx.wrote(principal, conversation_id, 1, rows[0]["position"])
+        tx.wrote(principal, conversation_id, 1, position)
 
     # -- reads ----------------------------------------------------------------
 
@@ -334,6 +365,19 @@ class Store:
                  JOIN conversations c ON c.principal = k.principal AND c.id = k.id""",
             [k[0] for k in keys], [k[1] for k in keys])
         return {(r["principal"], r["id"]): r["seq"] for r in rows}
+
+    # -- audit (store/audit.py) -----------------------------------------------------
+
+    async def verify(self, principal: str, conversation_id: uuid.UUID) -> dict:
+        """GET /verify: the conversation's hash chain recomputed from its events."""
+        async with self.pool.acquire() as conn:
+            try:
+                checked = await audit.check(conn, principal, conversation_id)
+            except CONNECTION_ERRORS as exc:
+                raise unavailable(exc) from exc
+        if checked is None:
+            raise await self.missing(principal, conversation_id)
+        return checked[0].answer()
 
     # -- erasure (store/erasure.py) -----------------------------------------------
 

@@ -86,7 +86,7 @@ async def test_append_a_whole_turn_returns_stored_events(client):
     assert [e["type"] for e in stored] == [e["type"] for e in TURN]
     assert [e["data"] for e in stored] == [e["data"] for e in TURN]
     for event in stored:
-        assert set(event) == {"conversation_id", "seq", "position", "id", "type", "data", "created_at"}
+        assert set(event) == {"conversation_id", "seq", "position", "id", "type", "data", "created_at", "hash"}
         assert event["conversation_id"] == cid and uuid.UUID(event["id"])
     positions = [e["position"] for e in stored]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)

@@ -47,6 +47,8 @@ CALLS: dict[tuple[str, str], dict] = {
     ("POST", f"{C}/turns/{{turn_id}}/cancel"): {},
     # erasure: bob's DELETE erases nothing of alice's (tests/test_erasure.py: the owner's)
     ("DELETE", C): {},
+    # the hash chain, recomputed (tests/test_audit.py: the owner's)
+    ("GET", f"{C}/verify"): {},
 }
 # Routes without a conversation in their path, and where this file checks them.
 OTHER_ROUTES = {
