@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -12,17 +13,29 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 _ORIGIN = re.compile(r"^https?://[^/\s,]+$")
 
 
+def default_data_dir() -> Path:
+    """$XDG_DATA_HOME/chatlog, else ~/.local/share/chatlog: the same place from
+    any working directory (the XDG base directory rule: a relative
+    XDG_DATA_HOME is ignored)."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "chatlog"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATLOG_", env_file=".env", extra="ignore")
 
     database_url: str | None = Field(
         None, validation_alias=AliasChoices("DATABASE_URL", "CHATLOG_DATABASE_URL"),
-        description="PostgreSQL URL. Unset: `chatlog serve` starts an embedded PostgreSQL under data_dir.")
-    data_dir: Path = Field(Path(".chatlog"), description="Where the embedded PostgreSQL keeps its data.")
+        description="PostgreSQL URL. Unset: `chatlog serve` starts an embedded PostgreSQL in CHATLOG_DATA_DIR.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where the embedded PostgreSQL keeps its data (without DATABASE_URL). "
+                    "Default: $XDG_DATA_HOME/chatlog, else ~/.local/share/chatlog.")
     api_keys: str = Field("", description="`key1=alice,key2=bob`: bearer key = principal. Empty: open mode.")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    host: str = Field("127.0.0.1", description="The address `chatlog serve` listens on.")
+    port: int = Field(8000, description="The port `chatlog serve` listens on.")
+    workers: int = Field(1, ge=1, description="Server processes (each with its own pool and writers).")
     pool_size: int = Field(10, description="PostgreSQL connections per process.")
     writers: int = Field(4, description="Group-commit writer tasks per process.")
     max_batch_events: int = Field(1000, description="Events one append may carry.")
@@ -37,7 +50,8 @@ class Settings(BaseSettings):
                                 "before it answers 503 with details.outcome 'unknown'.")
     shutdown_grace_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM: longest wait for requests in flight before they are cut.")
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="Least severe log level written (critical, error, warning, info, debug, trace).")
     access_log: bool = Field(
         True, description="One log line per request (uvicorn's access log, stream tokens redacted). `off` saves "
                           "the ~50 us of CPU a line costs, about 5 % of a one-event append (measured).")
