@@ -125,6 +125,12 @@ class Run:
     errors: list[str] = field(default_factory=list)
 
 
+# schemathesis' defaults, plus 410: once a conversation is erased (DELETE, which the stateful phase
+# reaches through the links), every operation on it answers 410 conversation_erased, whatever the data
+ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "410", "429", "5xx"]
+REJECTED = ["400", "401", "403", "404", "405", "406", "409", "410", "415", "422", "428", "429", "5xx"]
+
+
 def config(key: str) -> schemathesis.Config:
     return schemathesis.Config.from_dict({
         "headers": {"Authorization": f"Bearer {key}"},
@@ -133,13 +139,21 @@ def config(key: str) -> schemathesis.Config:
         "max-stream-events": 5,  # the seeded conversation has more frames: its streams end at once
         "generation": {"max-examples": EXAMPLES},
         "phases": {"stateful": {"max-steps": max(10, EXAMPLES * 2)}},
+        "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED},
+                   "negative_data_rejection": {"expected-statuses": REJECTED}},
         "operations": [
             # following streams never end: read them for a bounded time
             {"include-operation-id": ["stream", "turn_stream"], "request-timeout": STREAM_READ_SECONDS},
+            # the examples and coverage phases hand DELETE the conversations the other operations'
+            # cases use (ids taken from earlier answers): erased early, the rest of those phases
+            # would meet only 410s. DELETE is fuzzed, and reached by every stateful link instead.
+            {"include-operation-id": ["delete_conversation"],
+             "phases": {"examples": {"enabled": False}, "coverage": {"enabled": False}}},
             # schema-valid but refused by the conversation's state (422): at_seq past its seq, a
             # domain rule of the event log (no open turn, unknown tool call, ...), at_seq with at_time
             {"include-operation-id": ["fork", "messages", "append_events"],
-             "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422"]}}},
+             "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "410", "422"]},
+                        "negative_data_rejection": {"expected-statuses": REJECTED}}},
         ],
     })
 
