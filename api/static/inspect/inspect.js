@@ -36,6 +36,7 @@ const state = {
   turns: [],           // turn ids, in start order
   turn: null,          // the turn shown in "what the model saw"
   messagesAsked: 0,    // the latest messages request wins
+  verifyTimer: null,   // verify again after live events
   live: { gen: 0, source: null, token: null, expiresAt: 0, renewTimer: null, retryTimer: null, tokens: 0, backoff: 500 },
 };
 
@@ -462,6 +463,9 @@ function onLiveEvent(gen, message) {
     row.classList.add("future");
   }
   if (event.type === "model.requested" && event.data.turn_id === state.turn) showTurn(state.turn);
+  // the chain grew: verify again once events stop arriving for a moment
+  clearTimeout(state.verifyTimer);
+  state.verifyTimer = setTimeout(() => { if (gen === state.live.gen) loadVerify(); }, 1500);
   if (event.type === "turn.started" && !state.turn) chooseTurn();
 }
 
