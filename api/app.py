@@ -11,7 +11,7 @@ from urllib.parse import unquote_plus
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, openapi
+from api import docs_assets, errors, openapi
 from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
@@ -100,7 +100,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 _begin_shutdown(app)
                 await app.state.store.close()
 
-    app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse)
+    # docs_url/redoc_url None: FastAPI's pages load their assets from CDNs; api/docs_assets.py serves them itself
+    app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.store = store  # None until the lifespan opens one
     app.state.runner = None  # made by the lifespan
@@ -117,4 +119,5 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.include_router(module.router)
     inspector.install(app)  # /inspect: the time-travel inspector (static files)
     openapi.install(app)
+    docs_assets.install(app)  # /docs and /redoc, offline
     return app

@@ -155,15 +155,19 @@ def _error(status: int) -> dict:
 
 
 def operation(body: type[BaseModel] | None = None, *, body_required: bool = True,
-              ok: dict[int, str] | None = None, errors: tuple[int, ...] = (), sse: bool = False) -> dict:
+              ok: dict[int, str] | None = None, errors: tuple[int, ...] = (), sse: bool = False,
+              example: dict | None = None) -> dict:
     """A route's `openapi_extra`: its request body (the model it parses), its
     success answers ({status: component schema name}), the error statuses
-    only it gives; `sse`: its 200 is a `text/event-stream`."""
+    only it gives; `sse`: its 200 is a `text/event-stream`; `example`: the
+    body Swagger UI's "Try it out" starts from (one the API accepts)."""
     extra: dict[str, Any] = {"responses": {}}
     if body is not None:
         _MODELS[body.__name__] = body
         extra["requestBody"] = {"required": body_required,
                                 "content": {_JSON: {"schema": _ref(body.__name__)}}}
+        if example is not None:
+            extra["requestBody"]["content"][_JSON]["example"] = example
     for status, name in (ok or {}).items():
         extra["responses"][str(status)] = _answer("success", _ref(name))
     if sse:

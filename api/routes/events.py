@@ -78,7 +78,8 @@ def to_new_events(raw_events: list, settings: Settings) -> list[NewEvent]:
 
 
 @router.post("/{conversation_id}/events", status_code=201,
-             openapi_extra=operation(AppendEvents, ok={200: "Appended", 201: "Appended"}, errors=(409,)))
+             openapi_extra=operation(AppendEvents, ok={200: "Appended", 201: "Appended"}, errors=(409,),
+                                     example={"events": [{"type": "message.user", "data": {"content": "Hello!"}}]}))
 async def append_events(request: Request, conversation_id: str) -> JSONResponse:
     # Served first by api/hot_path.py, which calls it without FastAPI's
     # routing and dependency solving: it resolves what the other routes take
