@@ -131,7 +131,9 @@ async def test_the_slider_shows_the_messages_as_they_stood_at_each_seq(page, api
     by_type = {}
     for seq, event in events.items():
         by_type.setdefault(event["type"], []).append(seq)
-    seqs = [1, 2, by_type["tool_call.completed"][0], by_type["tool.result"][0], by_type["tool.result"][0] + 1,
+    # the start; the tool call complete but unanswered (left out); its result in; the answer half written;
+    # the turn finished; the title
+    seqs = [1, 2, by_type["tool_call.completed"][0], by_type["tool.result"][0], by_type["text.delta"][3],
             by_type["turn.finished"][-1], last - 1]
     for seq in seqs:
         await slide_to(page, seq)
@@ -142,8 +144,10 @@ async def test_the_slider_shows_the_messages_as_they_stood_at_each_seq(page, api
         assert await page.locator("#messages .msg").count() == len(expected["messages"])
         assert int(await page.get_attribute("#events li.current", "data-seq")) == seq
         assert await page.locator("#events li.future").count() == last - seq
-    # a message that was being written mid-step: the slider shows the partial text the API shows
-    assert any(m["role"] == "tool" for m in (await messages_at(api, cid, by_type["tool.result"][0]))["messages"])
+    # what those seqs show differs: the call is left out until its result is in, the answer grows
+    partial = (await messages_at(api, cid, by_type["text.delta"][3]))["messages"][-1]["content"]
+    assert partial and partial != (await messages_at(api, cid, last))["messages"][-1]["content"]
+    assert not any(m["role"] == "tool" for m in (await messages_at(api, cid, by_type["tool_call.completed"][0]))["messages"])
 
     await page.click("#format-anthropic")
     for seq in (by_type["tool.result"][0], last):
@@ -154,8 +158,10 @@ async def test_the_slider_shows_the_messages_as_they_stood_at_each_seq(page, api
 
     # the verify badge says what GET …/verify says (or that there is no such endpoint)
     verify = await api.get(f"/v1/conversations/{cid}/verify")
-    status = {200: "ok" if verify.status_code == 200 and verify.json().get("ok") else "broken",
-              404: "unavailable"}.get(verify.status_code, "error")
+    if verify.status_code == 200:
+        status = "ok" if verify.json()["ok"] else "broken"
+    else:
+        status = {404: "unavailable"}.get(verify.status_code, "error")
     await page.wait_for_selector(f'#verify[data-status="{status}"]')
     if status == "unavailable":
         assert await page.text_content("#verify") == "verify: not available"
@@ -184,14 +190,15 @@ async def test_what_the_model_saw_is_each_request_and_whether_it_matches(page, a
         assert json.loads(await item.locator("pre.body").text_content()) == request["body"]
         # "at seq N" moves the slider there: the messages shown are the ones that request sent
         await item.get_by_role("button", name=f"at seq {request['at_seq']}").click()
-        sent = [m for m in request["body"]["messages"]]
-        assert (await shown_at(page, request["at_seq"]))["messages"] == sent
+        assert (await shown_at(page, request["at_seq"]))["messages"] == request["body"]["messages"]
 
 
 async def test_new_events_appear_live_and_the_page_follows_across_token_expiry(page, api, proxy):
     r = await api.post("/v1/conversations", json={})
     cid = r.json()["id"]
     await append(api, cid, [{"type": "message.user", "data": {"content": "first"}}])
+    urls = []
+    page.on("request", lambda request: urls.append(request.url))
     await sign_in_and_open(page, proxy.url, cid)
     await shown_at(page, 2)
     await page.wait_for_selector('#live[data-state="live"]')
@@ -218,6 +225,50 @@ async def test_new_events_appear_live_and_the_page_follows_across_token_expiry(p
     assert seqs == [1, 2, 3, 4, 5]  # nothing missed, nothing twice
     assert [m["content"] for m in (await shown_at(page, 5))["messages"]] == ["first", "second", "third"]
     await page.wait_for_selector('#live[data-state="live"]')
+    # the key went in headers only; the one credential in a URL is a stream token, on stream requests
+    assert not [u for u in urls if KEYS["alice"] in u]
+    streams = [u for u in urls if f"/{cid}/stream?" in u]
+    assert len(streams) >= 3 and all("token=" in u for u in streams)
+    assert not [u for u in urls if "token=" in u and u not in streams]
+
+
+async def test_sign_in_keeps_the_key_in_the_tab_and_sign_out_forgets_it(page, api, proxy):
+    await page.goto(f"{proxy.url}/inspect/")
+    await page.fill("#key", "not-a-key")
+    await page.click("#sign-in-button")
+    await page.wait_for_selector("#sign-in-error:text('401')")
+    assert await page.is_hidden("#app")
+
+    cid = (await api.post("/v1/conversations", json={})).json()["id"]
+    await page.fill("#key", KEYS["alice"])
+    await page.click("#sign-in-button")
+    await page.click(f'#conversations button[data-id="{cid}"]')
+    await shown_at(page, 1)
+    assert page.url.endswith(f"/inspect/#{cid}")
+    assert await page.evaluate("Object.values(sessionStorage)") == [KEYS["alice"]]
+    # a reload (the same tab) stays signed in and reopens the conversation in the address
+    await page.reload()
+    await shown_at(page, 1)
+    assert cid in await page.text_content("#conv-meta")
+    await page.click("#sign-out")
+    assert await page.is_visible("#sign-in") and await page.is_hidden("#app")
+    assert await page.evaluate("sessionStorage.length") == 0
+
+
+async def test_the_list_pages_back_through_older_conversations(page, api, proxy):
+    ours = [(await api.post("/v1/conversations", json={})).json()["id"] for _ in range(52)]
+    await page.goto(f"{proxy.url}/inspect/")
+    await page.fill("#key", KEYS["alice"])
+    await page.click("#sign-in-button")
+    # newest first, 50 a page: the two oldest of ours are on the next page
+    await page.wait_for_selector(f'#conversations button[data-id="{ours[-1]}"]')
+    assert await page.locator("#conversations li").count() == 50
+    assert await page.locator(f'#conversations button[data-id="{ours[1]}"]').count() == 0
+    await page.click("#older")
+    await page.wait_for_selector(f'#conversations button[data-id="{ours[0]}"]')
+    shown = await page.locator("#conversations button").evaluate_all("bs => bs.map(b => b.dataset.id)")
+    assert shown[:52] == ours[::-1]
+    assert len(shown) == len(set(shown))
 
 
 async def test_the_guide_example_follows_named_events_and_resumes_with_a_new_token(page, api, proxy, server):
