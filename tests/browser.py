@@ -43,16 +43,16 @@ def ensure_chromium() -> str:
         if apt is None:
             raise RuntimeError("the browser tests need Chromium: install it (`chromium` on Debian); "
                                "no apt-get was found to install it")
-        steps = [[apt, "install", "-y", "--no-install-recommends", "chromium"]]
+        install = [apt, "install", "-y", "chromium"]
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         out = []
         for attempt in range(2):
-            done = subprocess.run(steps[-1], capture_output=True, text=True, timeout=900,
-                                  env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-            out.append(f"$ {' '.join(steps[-1])} -> {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+            done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
+            out.append(f"$ {' '.join(install)} -> {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
             if done.returncode == 0:
                 break
             if attempt == 0:  # the package lists may be missing or stale (a fresh container)
-                subprocess.run([apt, "update"], capture_output=True, text=True, timeout=600)
+                subprocess.run([apt, "update"], capture_output=True, text=True, timeout=600, env=env)
         path = _find()
         if path is None:
             raise RuntimeError("could not install Chromium with apt-get:\n" + "\n".join(out))
