@@ -115,7 +115,7 @@ BEGIN
     INSERT INTO erased_conversations (principal, conversation_id, erased_at, event_count, last_seq, head_hash)
     VALUES (p_principal, p_id, clock_timestamp(),
             (SELECT count(*) FROM events WHERE principal = p_principal AND conversation_id = p_id),
-            head.seq, to_jsonb(head) ->> 'head_hash')
+            head.seq, head.head_hash)
     RETURNING * INTO tombstone;
 
     PERFORM set_config('chatlog.erasing', p_id::text || '/' || p_principal, true);
