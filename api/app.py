@@ -11,7 +11,7 @@ from urllib.parse import unquote_plus
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import docs_assets, errors, openapi
+from api import docs_assets, errors, logs, metrics, openapi
 from api.hot_path import AppendFirst
 from api.responses import JSONResponse
 from api.shutdown import chain_exit_signals
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if owned:
                 _begin_shutdown(app)
                 await app.state.store.close()
+                metrics.process_exited()
 
     # docs_url/redoc_url None: FastAPI's pages load their assets from CDNs; api/docs_assets.py serves them itself
     app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse,
@@ -114,9 +115,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                            expose_headers=["x-vercel-ai-ui-message-stream", ai_sdk.CONVERSATION_HEADER,
-                                           ai_sdk.TURN_HEADER], max_age=600)
+                                           ai_sdk.TURN_HEADER, "x-request-id"], max_age=600)
     for module in (conversations, events, feed, health, messages, stream, stream_token, turns, ai_sdk, audit):
         app.include_router(module.router)
+    metrics.install(app)  # GET /metrics
+    # outermost: request id, access line, HTTP metrics (the append's hot path included)
+    app.add_middleware(logs.RequestLog, access_log=settings.access_log, principal_of=logs.principal_finder(app.state))
     inspector.install(app)  # /inspect: the time-travel inspector (static files)
     openapi.install(app)
     docs_assets.install(app)  # /docs and /redoc, offline

@@ -99,9 +99,23 @@ def serve(args: argparse.Namespace) -> None:
     # that was there before: make SIGTERM end like Ctrl-C (exit 0, atexit
     # runs, so the embedded PostgreSQL stops too) instead of killing us.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workers = args.workers or settings.workers
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics with N workers: each counts in its own files here, a scrape of any sums them all
+        # (api/metrics.py). Set before the workers start and import prometheus_client; gone at exit.
+        import atexit
+        import shutil
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chatlog-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
+    from api.logs import log_config
+
+    # uvicorn's lines in chatlog's format; the access line is chatlog's own (api/logs.py RequestLog)
     uvicorn.run("api.app:create_app", factory=True, host=args.host or settings.host,
-                port=args.port or settings.port, workers=args.workers or settings.workers,
-                log_level=settings.log_level, access_log=settings.access_log,
+                port=args.port or settings.port, workers=workers,
+                log_level=settings.log_level, access_log=False,
+                log_config=log_config(settings.log_format, settings.log_level),
                 timeout_graceful_shutdown=settings.shutdown_grace_seconds)
 
 
@@ -160,8 +174,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs whole initdb transcripts at INFO
+    from api.logs import configure_from_environment
+
+    configure_from_environment()  # CHATLOG_LOG_FORMAT (text or json), CHATLOG_LOG_LEVEL: api/logs.py
     top = parser()
     args, rest = top.parse_known_args(argv)
     if args.command == "bench":  # its own options live in bench/cli.py (an extra: pip install 'chatlog[bench]')

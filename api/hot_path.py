@@ -29,6 +29,7 @@ from api.errors import handler_for
 
 # The route's path pattern, as Starlette compiles `/v1/conversations/{conversation_id}/events`
 _APPEND = re.compile(r"/v1/conversations/([^/]+)/events")
+ROUTE = "/v1/conversations/{conversation_id}/events"
 
 
 class AppendFirst:
@@ -40,6 +41,7 @@ class AppendFirst:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _APPEND.fullmatch(_route_path(scope))
             if match is not None:
+                scope["chatlog.route"] = ROUTE  # for the access line and the HTTP metrics (api/logs.py)
                 request = Request(scope, receive)
                 try:
                     response = await self.endpoint(request, match[1])

@@ -53,8 +53,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="Least severe log level written (critical, error, warning, info, debug, trace).")
     access_log: bool = Field(
-        True, description="One log line per request (uvicorn's access log, stream tokens redacted). `off` saves "
-                          "the ~50 us of CPU a line costs, about 5 % of a one-event append (measured).")
+        True, description="One log line per request (request id, principal, route, status, latency, bytes; stream "
+                          "tokens redacted). `off` saves the ~50 us of CPU a line costs, about 5 % of a one-event "
+                          "append (measured).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines, chatlog's and uvicorn's: `text`, or `json` (one object a line: time, level, "
+                            "logger, message, request_id; an access line adds principal, method, route, path, "
+                            "status, latency_ms, bytes).")
     heartbeat_seconds: float = Field(15.0, description="SSE heartbeat (`: ping`) interval.")
     stream_token_ttl_seconds: int = Field(300, description="Lifetime of a stream token.")
     token_secret: str | None = Field(None, description="Key for stream tokens; unset: a random key kept in the database.")

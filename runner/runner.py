@@ -56,6 +56,7 @@ import asyncpg
 import orjson
 
 import domain
+from api import metrics
 from runner.chunks import (StepTranslator, add_usage, encode, model_requested, rebuild_body, request_body,
                            sha256_hex, turn_failed, turn_finished)
 from runner.recorder import Recorder
@@ -89,6 +90,10 @@ class TurnClosed(Exception):
     closed as interrupted by another process): stop, write nothing more."""
 
 
+# a turn this runner did not close itself: why (TURNS_ENDED's outcome)
+_STOPPED = {"cancelled": "cancelled", "fenced": "fenced", "erased": "erased", "shutdown": "interrupted"}
+
+
 class _Turn:
     def __init__(self, run: dict) -> None:
         self.principal: str = run["principal"]
@@ -99,6 +104,7 @@ class _Turn:
         self.waiting: asyncio.Task | None = None  # the upstream stream or the wait for results
         self.waited = False  # began while every slot was taken: its status says queued until one frees
         self.holding = False  # holds one of the runner's slots (not while it waits for tool results)
+        self.outcome: str | None = None  # how this runner closed it (metrics): finished, failed, interrupted
 
     @property
     def key(self) -> tuple[str, uuid.UUID, str]:
@@ -463,7 +469,12 @@ class Runner:
         was erased."""
         batch = [NewEvent(t, d) for t, d in events]
         try:
-            return await self._patiently(self.store.append, turn.principal, turn.conversation_id, batch)
+            appended = await self._patiently(self.store.append, turn.principal, turn.conversation_id, batch)
+            kind, data = events[-1]
+            if kind in ("turn.finished", "turn.failed"):
+                turn.outcome = ("finished" if kind == "turn.finished" else "interrupted"
+                                if (data.get("error") or {}).get("code") == "interrupted" else "failed")
+            return appended
         except NotFound as exc:
             raise TurnClosed(exc.message) from None
         except InvalidEvent as exc:
@@ -515,6 +526,7 @@ class Runner:
             self._give_slot(turn)
             self.free += 1
             self.running.pop(turn.key, None)
+            metrics.TURNS_ENDED.labels(turn.outcome or _STOPPED.get(turn.stop_reason, "closed")).inc()
             if turn.stop_reason != "fenced":
                 try:
                     await self._patiently(self.turns.end, *turn.key)

@@ -25,6 +25,8 @@ from typing import AsyncIterator
 import httpx
 import orjson
 
+from api import metrics
+
 log = logging.getLogger("chatlog.runner")
 
 RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -98,11 +100,13 @@ class Upstream:
         while True:
             attempt += 1
             received = False
+            sent = time.perf_counter()
             try:
                 async with self.client.stream("POST", self.url, content=body) as response:
                     if response.status_code != 200:
                         text = await response.aread()
                         error = UpstreamError(_message_of(response.status_code, text), response.status_code)
+                        metrics.UPSTREAM_ERRORS.labels(str(response.status_code), "status").inc()
                         if response.status_code in RETRY_STATUSES and attempt < self.attempts:
                             await self._backoff(attempt, retry_after(response.headers), error)
                             continue
@@ -117,22 +121,28 @@ class Upstream:
                         try:
                             chunk = orjson.loads(payload)
                         except orjson.JSONDecodeError:
+                            metrics.UPSTREAM_ERRORS.labels("200", "bad_chunk").inc()
                             raise UpstreamError(f"the upstream sent a chunk that is not JSON: {payload[:80]!r}",
                                                 200) from None
-                        received = True
+                        if not received:
+                            received = True
+                            metrics.UPSTREAM_SECONDS.observe(time.perf_counter() - sent)
                         if not finished and any(isinstance(c, dict) and c.get("finish_reason")
                                                 for c in chunk.get("choices") or ()):
                             finished = True
                         yield chunk
                     if not finished:
+                        metrics.UPSTREAM_ERRORS.labels("200", "truncated").inc()
                         raise UpstreamError("the upstream stream ended before it finished (no finish reason, "
                                             "no [DONE])", 200)
                     return
             except httpx.TimeoutException as exc:
                 error = UpstreamError(f"the upstream did not answer within the timeout ({type(exc).__name__})")
+                metrics.UPSTREAM_ERRORS.labels("200" if received else "none", "timeout").inc()
             except httpx.TransportError as exc:
                 error = UpstreamError(f"the upstream connection failed: {type(exc).__name__}: {exc}",
                                       200 if received else None)
+                metrics.UPSTREAM_ERRORS.labels("200" if received else "none", "transport").inc()
             if received or attempt >= self.attempts:
                 raise error
             await self._backoff(attempt, None, error)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from api import metrics
 from store.positions import INDEX_BITS, WRITER_LOCK
 from store.rows import EVENT_COLUMNS, event_dict
 
@@ -49,7 +50,9 @@ writers AS MATERIALIZED (
        AND own.locktype = 'transactionid' AND own.mode = 'ExclusiveLock' AND own.granted)
 SELECT coalesce((SELECT min(x) FROM snap, pg_snapshot_xip(snap.s) AS x
                   WHERE x::xid IN (SELECT transactionid FROM writers)),
-                (SELECT pg_snapshot_xmax(s) FROM snap))::text::bigint
+                (SELECT pg_snapshot_xmax(s) FROM snap))::text::bigint,
+       -- the newest: how far the watermark is behind it is a metric
+       (SELECT pg_snapshot_xmax(s) FROM snap)::text::bigint
 """
 
 _READ = f"""
@@ -68,6 +71,7 @@ SELECT {EVENT_COLUMNS}
 async def read(conn: asyncpg.Connection, principal: str, after_position: int, limit: int) -> list[dict]:
     # two statements, in this order: the proof above needs the events'
     # snapshot to be taken after the watermark's lock check
-    watermark = await conn.fetchval(_WATERMARK)
+    watermark, newest = await conn.fetchrow(_WATERMARK)
+    metrics.FEED_LAG.observe(newest - watermark)
     rows = await conn.fetch(_READ, principal, after_position, watermark << INDEX_BITS, limit)
     return [event_dict(r) for r in rows]

@@ -21,6 +21,7 @@ import asyncpg
 import orjson
 
 import projections
+from api import metrics
 from projections import history, ui
 
 SNAPSHOT_EVERY = 256
@@ -50,6 +51,9 @@ class FoldReader:
         self._latest: OrderedDict[tuple[str, uuid.UUID], dict] = OrderedDict()  # by (principal, conversation id)
         self._cache_size = cache_size
         self._writes: set[asyncio.Task] = set()
+        name = fold.table.removesuffix("_snapshots")  # history, ui
+        self._count_cache, self._count_advanced, self._count_snapshot, self._count_events = (
+            metrics.FOLD_READS.labels(name, source) for source in ("cache", "cache_advanced", "snapshot", "events"))
 
     async def state_at(self, principal: str, conversation_id: uuid.UUID, seq: int) -> dict:
         """The fold state exactly at `seq` (which must exist).
@@ -61,6 +65,7 @@ class FoldReader:
         cached = self._latest.get(key)
         if cached is not None and cached["seq"] == seq:
             self._latest.move_to_end(key)
+            self._count_cache.inc()
             return cached
         if cached is not None and cached["seq"] < seq <= cached["seq"] + SNAPSHOT_EVERY:
             # (a longer gap folds less from the nearest snapshot)
@@ -68,8 +73,10 @@ class FoldReader:
             tail = await self._events(key, start, seq)
             # another reader may have advanced it while we awaited
             if cached["seq"] == start:
+                self._count_advanced.inc()
                 return self._fold(key, cached, tail)
         state, tail = await self._snapshot_and_tail(key, seq)
+        (self._count_snapshot if state["seq"] else self._count_events).inc()
         state = self._fold(key, state, tail)
         current = self._latest.get(key)
         if current is None or current["seq"] < seq:

@@ -51,6 +51,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
+from api import metrics
 from store import erasure
 from store.errors import Unavailable
 
@@ -279,6 +280,7 @@ class Listener:
                 await asyncio.gather(task, return_exceptions=True)
         for tail in self.tails.values():
             tail.close()
+        metrics.TAILS.dec(len(self.tails))
         self.tails.clear()
 
     async def _sweep(self) -> None:
@@ -340,6 +342,7 @@ class Listener:
                 self._conn, delay = conn, 0.1
                 if self._connected.is_set():
                     self.reconnects += 1
+                    metrics.LISTENER_RECONNECTS.inc()
                     log.warning("listener reconnected; re-checking %d followed conversations", len(self.tails))
                 self._connected.set()
                 for tail in self.tails.values():
@@ -405,6 +408,7 @@ class Listener:
         tail = self.tails.get(key)
         if tail is None:
             tail = self.tails[key] = Tail(key, self._read, self._buffer_size)
+            metrics.TAILS.inc()
         tail.join(after, heartbeat)
         try:
             cursor, sent, beats = after, False, tail.beats
@@ -436,6 +440,7 @@ class Listener:
             if tail.readers == 0 and self.tails.get(key) is tail:
                 tail.close()
                 del self.tails[key]
+                metrics.TAILS.dec()
 
     async def stream(self, key: Key, after: int, upto: int, follow: bool, heartbeat: float,
                      first: list[dict] | None = None) -> AsyncIterator[tuple[bool, list[dict]]]:

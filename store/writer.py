@@ -49,6 +49,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 
+from api import metrics
 from store.errors import OutcomeUnknown, OutOfRange, StoreError, Unavailable
 from store.pool import CONNECTION_ERRORS, LOST_CONNECTION, Pool, unavailable
 from store.positions import MAX_EVENTS_PER_TRANSACTION, WRITER_LOCK, xid_of
@@ -217,14 +218,16 @@ class GroupWriter:
 
     async def _commit(self, group: list[_Request], line: "_Line", attempts: int = 3) -> None:
         """Run `group` in one transaction and answer every caller the truth."""
+        started = time.perf_counter()
         try:
             outcomes = await self._run(group, line)
         except _CommitUnclear as unclear:
             self.unclear_commits += 1
             status = await self._settle(unclear.witness)
+            metrics.OUTCOME_CHECKS.labels(status).inc()
             log.warning("the reply to a COMMIT was lost (%r); the transaction %s", unclear.cause, status)
             if status == "committed":
-                self._count(group)
+                self._count(group, unclear.outcomes)
                 _deliver(group, unclear.outcomes)
             elif status == "aborted" and attempts > 1:
                 await self._commit(group, line, attempts - 1)  # nothing was written: run it again
@@ -255,12 +258,26 @@ class GroupWriter:
                 return
             _answer(group, failure)
             return
-        self._count(group)
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        self._count(group, outcomes)
         _deliver(group, outcomes)
 
-    def _count(self, group: list[_Request]) -> None:
+    def _count(self, group: list[_Request], outcomes: list[tuple[bool, Any]]) -> None:
         self.transactions += 1
         self.ops += len(group)
+        # the metrics: a few updates per transaction, whatever it holds
+        committed = events = 0
+        for request, (ok, _) in zip(group, outcomes):
+            if ok:
+                committed += 1
+                events += request.size
+        metrics.GROUP_APPENDS.observe(committed)
+        metrics.GROUP_EVENTS.observe(events)
+        if committed:
+            metrics.APPENDS_COMMITTED.inc(committed)
+            metrics.EVENTS.inc(events)
+        if committed < len(group):
+            metrics.APPENDS_REFUSED.inc(len(group) - committed)
 
     async def _run(self, group: list[_Request], line: "_Line") -> list[tuple[bool, Any]]:
         conn = await line.get()
@@ -403,10 +420,19 @@ def _deliver(group: list[_Request], outcomes: list[tuple[bool, Any]]) -> None:
 
 def _answer(group: list[_Request], failure: BaseException, keep_refusals: list[tuple[bool, Any]] | None = None) -> None:
     """Fail every caller still waiting; refusals (nothing written either way) stay refusals."""
+    refused = failed = 0
     for i, request in enumerate(group):
         if request.future.done():
             continue
         if keep_refusals is not None and i < len(keep_refusals) and not keep_refusals[i][0]:
             request.future.set_exception(keep_refusals[i][1])
+            refused += 1
         else:
             request.future.set_exception(failure)
+            failed += 1
+    if refused:
+        metrics.APPENDS_REFUSED.inc(refused)
+    if failed:
+        outcome = ("unknown" if isinstance(failure, OutcomeUnknown) else "unavailable"
+                   if isinstance(failure, Unavailable) else "refused" if isinstance(failure, StoreError) else "error")
+        metrics.APPENDS.labels(outcome).inc(failed)
