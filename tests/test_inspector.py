@@ -166,6 +166,20 @@ async def test_the_slider_shows_the_messages_as_they_stood_at_each_seq(page, api
     if status == "unavailable":
         assert await page.text_content("#verify") == "verify: not available"
 
+    # merged deltas: one row stands for a run of text.delta; it is the current row anywhere inside the run
+    await page.click("#compact")
+    deltas = by_type["text.delta"]
+    merged = f'#events li[data-type="text.delta"][data-first-seq="{deltas[0]}"][data-seq="{deltas[-1]}"]'
+    await page.wait_for_selector(merged)
+    # (the call's argument fragments are one run too)
+    assert await page.locator("#events li").count() == last - (len(deltas) - 1) - (len(by_type["tool_call.delta"]) - 1)
+    await slide_to(page, deltas[3])
+    assert await shown_at(page, deltas[3], "anthropic") == await messages_at(api, cid, deltas[3], "anthropic")
+    assert await page.locator(f"{merged}.current").count() == 1
+    assert await page.locator("#turn option").count() == 1
+    await page.click("#compact")
+    await page.wait_for_selector(f'#events li[data-seq="{deltas[0]}"][data-first-seq="{deltas[0]}"]')
+
     # the screenshot the docs show: in the middle of the tool turn, what the model saw on the right
     await page.click("#format-openai")
     await slide_to(page, by_type["tool.result"][0])

@@ -180,9 +180,13 @@ $("compact").addEventListener("change", async () => {
   if (!state.conv) return;
   stopLive();
   state.events = [];
+  state.turns = [];
   $("events").replaceChildren();
+  $("turn").replaceChildren();
+  const turn = state.turn;
   const at = state.at;
   await loadEvents();
+  if (turn) $("turn").value = turn;
   setAt(at);
   startLive();
 });
