@@ -24,7 +24,7 @@ from bench.core import Bench
 # The fixed order of a run. Throughput first, on a machine nothing else of the
 # run has warmed or filled; the ceiling last, as it pushes the server hardest.
 SECTIONS = ["ingest", "store_level", "processes", "runner", "fanout", "latency", "resume", "messages",
-            "projections", "growth", "ceiling"]
+            "projections", "growth", "audit", "ceiling"]
 
 
 def _commit() -> str:
