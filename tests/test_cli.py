@@ -37,7 +37,7 @@ def test_help_lists_every_command_with_what_it_does():
     top = parser()
     helps = {a.dest: a.help for a in next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
              ._choices_actions}
-    assert set(helps) == set(COMMANDS) and all(helps.values()), helps
+    assert set(COMMANDS) <= set(helps) and all(helps.values()), helps
 
 
 def test_every_option_of_every_command_has_help():
@@ -46,7 +46,7 @@ def test_every_option_of_every_command_has_help():
             continue  # its options are bench/cli.py's own parser, checked below through the real command
         for action in sub._actions:
             assert action.help and action.help != argparse.SUPPRESS, f"chatlog {name} {action.option_strings}"
-    for command in COMMANDS:
+    for command in _subparsers(parser()):
         answer = run(command, "--help")
         assert answer.returncode == 0, (command, answer.stderr)
         assert answer.stdout.startswith(f"usage: chatlog {command}"), answer.stdout
