@@ -20,6 +20,7 @@ from api.routes import inspect as inspector
 from api.settings import Settings
 from runner.runner import Runner
 from store import Store
+from store import metrics as store_metrics
 
 log = logging.getLogger("chatlog")
 
@@ -99,7 +100,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if owned:
                 _begin_shutdown(app)
                 await app.state.store.close()
-                metrics.process_exited()
+                store_metrics.process_exited()
 
     # docs_url/redoc_url None: FastAPI's pages load their assets from CDNs; api/docs_assets.py serves them itself
     app = FastAPI(title="chatlog", version="1", lifespan=lifespan, default_response_class=JSONResponse,

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from api import embedded
+from api.audit_cli import add_commands as add_audit_commands
 from api.settings import Settings
 from store.migrate import migrate_url
 
@@ -102,7 +103,7 @@ def serve(args: argparse.Namespace) -> None:
     workers = args.workers or settings.workers
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # /metrics with N workers: each counts in its own files here, a scrape of any sums them all
-        # (api/metrics.py). Set before the workers start and import prometheus_client; gone at exit.
+        # (store/metrics.py). Set before the workers start and import prometheus_client; gone at exit.
         import atexit
         import shutil
         import tempfile
@@ -168,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
                               description="Apply the migrations (migrations/*.sql, each once) to the database "
                                           f"at DATABASE_URL and exit.\n{setting_help('database_url')}")
     mig.set_defaults(func=migrate)
+    add_audit_commands(commands)  # verify, digest, export (api/audit_cli.py)
     commands.add_parser("bench", help="measure chatlog side by side with its baselines (`chatlog bench --help`)",
                         add_help=False)
     return top

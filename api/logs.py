@@ -3,7 +3,7 @@
 per request with its request id, principal, route, status, latency and size.
 
 The access line comes from `RequestLog`, the app's outermost middleware,
-which also counts the request in the HTTP metrics (api/metrics.py) and echoes
+which also counts the request in the HTTP metrics (store/metrics.py) and echoes
 the request id in the `X-Request-Id` response header: the client's own, when
 it sent a sane one (1-128 characters of `A-Za-z0-9._:-`), else a new one.
 Every line logged while a request is served carries its id in JSON.
@@ -28,7 +28,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from api import metrics
+from store import metrics
 
 ACCESS = logging.getLogger("chatlog.access")
 REQUEST_ID = contextvars.ContextVar("chatlog_request_id", default=None)

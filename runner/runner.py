@@ -56,7 +56,7 @@ import asyncpg
 import orjson
 
 import domain
-from api import metrics
+from store import metrics
 from runner.chunks import (StepTranslator, add_usage, encode, model_requested, rebuild_body, request_body,
                            sha256_hex, turn_failed, turn_finished)
 from runner.recorder import Recorder

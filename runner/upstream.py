@@ -25,7 +25,7 @@ from typing import AsyncIterator
 import httpx
 import orjson
 
-from api import metrics
+from store import metrics
 
 log = logging.getLogger("chatlog.runner")
 

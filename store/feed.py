@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from api import metrics
+from store import metrics
 from store.positions import INDEX_BITS, WRITER_LOCK
 from store.rows import EVENT_COLUMNS, event_dict
 

@@ -21,7 +21,7 @@ import asyncpg
 import orjson
 
 import projections
-from api import metrics
+from store import metrics
 from projections import history, ui
 
 SNAPSHOT_EVERY = 256

@@ -51,7 +51,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from api import metrics
+from store import metrics
 from store import erasure
 from store.errors import Unavailable
 

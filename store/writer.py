@@ -49,7 +49,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 
-from api import metrics
+from store import metrics
 from store.errors import OutcomeUnknown, OutOfRange, StoreError, Unavailable
 from store.pool import CONNECTION_ERRORS, LOST_CONNECTION, Pool, unavailable
 from store.positions import MAX_EVENTS_PER_TRANSACTION, WRITER_LOCK, xid_of
