@@ -163,6 +163,8 @@ async def test_the_slider_shows_the_messages_as_they_stood_at_each_seq(page, api
     else:
         status = {404: "unavailable"}.get(verify.status_code, "error")
     await page.wait_for_selector(f'#verify[data-status="{status}"]')
+    if status == "ok":
+        assert f"verified through seq {verify.json()['verified_through_seq']}" in await page.text_content("#verify")
     if status == "unavailable":
         assert await page.text_content("#verify") == "verify: not available"
 
