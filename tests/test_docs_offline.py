@@ -4,12 +4,18 @@ given under "Authorize" (the bearer scheme)."""
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
+from urllib.parse import urlsplit
 
 import pytest
+from playwright.async_api import async_playwright
 
-from tests.helpers import asgi_client
+from tests.browser import launch
+from tests.servers import KEYS, ChatlogServer
+
+pytest_plugins = ("tests.servers",)
 
 
 class _Urls(HTMLParser):
@@ -88,3 +94,61 @@ async def test_the_pages_follow_a_root_path(make_client, api_keys):
     client._transport.root_path = "/chatlog"  # httpx.ASGITransport's root_path
     html = (await client.get("/docs")).text
     assert all(url.startswith("/chatlog/") for url in loaded_urls(html)), loaded_urls(html)
+
+
+# -- in a real browser ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+async def docs_server(database_url, server_log_dir):
+    server = ChatlogServer("docs", database_url, server_log_dir)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_swagger_try_it_out_appends_an_event_in_a_browser_that_reaches_no_other_host(docs_server):
+    """Headless Chromium with every request to another host refused: the page renders, Authorize takes a key,
+    and "Try it out" on the append, with the example body as Swagger UI fills it in, appends (201)."""
+    own = f"127.0.0.1:{docs_server.port}"
+    elsewhere: list[str] = []
+
+    async def only_own(route):
+        if urlsplit(route.request.url).netloc == own:
+            await route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            await route.abort()
+
+    async with docs_server.client() as api:
+        cid = (await api.post("/v1/conversations", json={})).json()["id"]
+        async with async_playwright() as playwright:
+            browser = await launch(playwright)
+            try:
+                page = await browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                await page.route("**/*", only_own)
+                await page.goto(f"{docs_server.url}/docs")
+                # Authorize: the bearer scheme, with alice's key
+                await page.locator("button.authorize").first.click()
+                await page.locator(".auth-container", has_text="bearer").locator("input").fill(KEYS["alice"])
+                await page.locator(".auth-container", has_text="bearer").locator("button.authorize").click()
+                await page.locator("button.btn-done").first.click()
+                # the append operation: open it, Try it out, the conversation id, Execute
+                append_op = page.locator(".opblock-post").filter(
+                    has=page.locator('[data-path="/v1/conversations/{conversation_id}/events"]'))
+                await append_op.locator(".opblock-summary").first.click()
+                await append_op.locator("button.try-out__btn").click()
+                await append_op.locator('input[placeholder="conversation_id"]').fill(cid)
+                body = await append_op.locator("textarea.body-param__text").input_value()
+                assert json.loads(body) == {"events": [{"type": "message.user", "data": {"content": "Hello!"}}]}
+                await append_op.locator("button.execute").click()
+                status = append_op.locator(".live-responses-table tr.response .response-col_status")
+                await status.first.wait_for(timeout=20_000)
+                assert (await status.first.inner_text()).strip() == "201"
+                assert not errors, errors
+            finally:
+                await browser.close()
+        events = (await api.get(f"/v1/conversations/{cid}/events")).json()["events"]
+    assert [(e["seq"], e["type"], e["data"]) for e in events][1:] == [(2, "message.user", {"content": "Hello!"})]
+    assert elsewhere == [], f"the page asked other hosts: {elsewhere}"
