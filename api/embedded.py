@@ -196,7 +196,14 @@ def start(data_dir: Path) -> str:
     banner(data_dir, pgdata)
     pgserver, server_class = _pgserver()
     if pgdata.exists():
-        clean_up_orphan(pgdata, server_class._lock)
+        # pgserver's inter-process lock (the one its get_server holds while it starts a server and adds
+        # its owner) and its owner list are internals of pgserver 0.1.x: without the lock, no clean-up
+        lock = getattr(server_class, "_lock", None)
+        if lock is not None:
+            clean_up_orphan(pgdata, lock)
+        else:
+            log.warning("pgserver %s has no _lock: an embedded PostgreSQL orphaned by a kill -9 is not looked for",
+                        getattr(pgserver, "__version__", "?"))
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     return server.get_uri()
 
