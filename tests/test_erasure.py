@@ -401,3 +401,12 @@ async def test_an_erasure_waits_for_the_append_in_flight_and_takes_its_events(st
 
 async def _more(raw, n: int) -> bool:
     return await lock_waiters(raw) >= n
+
+
+async def test_two_deletes_at_once_erase_once(alice, raw, principal):
+    cid = await new_conversation(alice)
+    await append(alice, cid, TURN)
+    answers = await asyncio.gather(*(alice.delete(f"/v1/conversations/{cid}") for _ in range(4)))
+    assert sorted(r.status_code for r in answers) == [204, 410, 410, 410], [r.text for r in answers]
+    assert await raw.fetchval("SELECT count(*) FROM erased_conversations WHERE conversation_id = $1",
+                              uuid.UUID(cid)) == 1
