@@ -185,6 +185,8 @@ async def test_the_readme_curl_walkthrough_runs_as_written(server, tmp_path):
     assert one(calls, "GET", "/readyz").status == 200
     other = one(calls, "GET", f"/v1/conversations/{cid}", header="secret-b")
     assert other.status == 404 and other.json()["error"]["code"] == "not_found"
+    erased = [c for c in calls if c.method == "DELETE"]
+    assert [(c.url.rsplit("/", 1)[-1], c.status, c.body) for c in erased] == [(cid, 204, "")]
 
     # turns the server runs itself
     turn_conversation = next(c for c in conversations if "You are terse" in " ".join(c.args))
