@@ -23,34 +23,15 @@ import uuid
 import asyncpg
 import pytest
 
-from api.app import create_app
-from api.settings import Settings
 from store import NewEvent
-from tests.helpers import (TURN, append, asgi_client, assert_contract_error, assert_error, bearer, eventually,
+from tests.helpers import (TURN, append, asgi_client, assert_contract_error, assert_error, eventually,
                            new_conversation)
-from tests.test_tenants_sealed import CALLS
+# the app (its runner's upstream a closed port, so the turn routes answer as in
+# production) and its two tenants' clients, as the tenant-isolation tests have them
+from tests.test_tenants_sealed import CALLS, alice, app, bob  # noqa: F401 (fixtures)
 
 DEADLINE = 20
 TOMBSTONE_KEYS = {"conversation_id", "erased_at", "event_count", "last_seq", "head_hash"}
-
-
-@pytest.fixture
-def app(store, api_keys):
-    # the runner's upstream is a closed port: the turn routes answer as they would in production
-    return create_app(Settings(database_url=None, api_keys=api_keys, heartbeat_seconds=0.05,
-                               upstream_base_url="http://127.0.0.1:9/v1"), store=store)
-
-
-@pytest.fixture
-async def alice(app, keys):
-    async with asgi_client(app, bearer(keys["alice"])) as client:
-        yield client
-
-
-@pytest.fixture
-async def bob(app, keys):
-    async with asgi_client(app, bearer(keys["bob"])) as client:
-        yield client
 
 
 @pytest.fixture
