@@ -24,7 +24,9 @@ import orjson
 
 from bench.core import Bench, free_port
 
-COLUMNS = ["conversation_id", "seq", "position", "id", "type", "data", "created_at", "principal"]
+# `hash`: the row carries its 64-hex hash as chatlog's events do (a stand-in here: computing it is
+# chatlog's cost, writing it is the row's)
+COLUMNS = ["conversation_id", "seq", "position", "id", "type", "data", "created_at", "principal", "hash"]
 DATA = {"turn_id": "bench-turn", "text": " token"}
 
 
@@ -57,7 +59,7 @@ class _Rows:
             self.k += 1
             self.seq[c] += 1
             rows.append((c, self.seq[c], (self.k << 16) + self.seq[c] % 65536, uuid.uuid4().hex, "text.delta",
-                         self.data, now, "bench"))
+                         self.data, now, "bench", os.urandom(32).hex()))
         return rows
 
 
@@ -102,7 +104,7 @@ class Unnest(Variant):
 
     async def measure(self, seconds: float) -> float:
         sql = ("INSERT INTO unnest_events (" + ", ".join(COLUMNS) + ") SELECT * FROM unnest($1::uuid[], "
-               "$2::int[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[], $8::text[])")
+               "$2::int[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[], $8::text[], $9::text[])")
         count = [0]
         # connected only while measured: 32 connections held through the whole
         # section would crowd a shared server's max_connections
