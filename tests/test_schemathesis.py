@@ -56,17 +56,23 @@ class OnLoop:
     whatever loop calls it, and notes each request's status and whether the
     database changed while it ran."""
 
-    def __init__(self, app, loop: asyncio.AbstractEventLoop, store) -> None:
-        self.app, self.loop, self.store = app, loop, store
+    def __init__(self, app, loop: asyncio.AbstractEventLoop, store, principal: str) -> None:
+        self.app, self.loop, self.store, self.principal = app, loop, store, principal
         self.exchanges: list[Exchange] = []
 
     async def _there(self, coroutine):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
 
     async def fingerprint(self) -> tuple:
+        # the fuzzing key's principal's rows: all a request with that key can write (its tenant
+        # isolation is tests/test_tenants_sealed.py's), read through its indexes, so the check
+        # costs the same however much the rest of the session wrote (it runs inside each
+        # request's time limit)
         return tuple(await self.store.pool.fetchrow(
-            "SELECT (SELECT count(*) FROM events), (SELECT coalesce(max(position), 0) FROM events),"
-            "       (SELECT count(*) FROM conversations), (SELECT max(updated_at) FROM conversations)"))
+            "SELECT (SELECT count(*) FROM events WHERE principal = $1),"
+            "       (SELECT coalesce(max(position), 0) FROM events WHERE principal = $1),"
+            "       (SELECT count(*) FROM conversations WHERE principal = $1),"
+            "       (SELECT max(updated_at) FROM conversations WHERE principal = $1)", self.principal))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":  # the store is the fixture's: nothing to start or stop
@@ -196,7 +202,7 @@ async def test_the_api_answers_its_own_spec_never_with_a_5xx_and_rejections_writ
     key = f"fuzz-{principal}"
     app = create_app(Settings(database_url=None, api_keys=f"{key}=fuzz-{principal}", heartbeat_seconds=0.05),
                      store=store)
-    on_loop = OnLoop(app, asyncio.get_running_loop(), store)
+    on_loop = OnLoop(app, asyncio.get_running_loop(), store, f"fuzz-{principal}")
     async with asgi_client(app, bearer(key)) as client:
         cid = await new_conversation(client)
         await append(client, cid, TURN)
