@@ -47,7 +47,7 @@ async def test_one_store_read_per_wakeup_serves_every_reader(database_url, store
         # are counted when they return: a first look still under way when seq 3 commits (a slow
         # pool in a full run) returns seq 3 before the tail has it, and that reader then looks
         # at the store once more by itself (once per reader at its start, never per wake-up)
-        await eventually(lambda: len(reads) >= 50, "every reader's first look at the store", timeout=2,
+        await eventually(lambda: len(reads) >= 50, "every reader's first look at the store", timeout=10,
                          interval=0.01)
         assert len(reads) == 50
         reads.clear()
