@@ -49,10 +49,11 @@ from api.deps import BodyDep, PrincipalDep, SettingsDep, StoreDep, parse_uuid, s
 from api.errors import ApiError
 from api.openapi import operation
 from api.routes import stream as stream_routes
+from api.routes import turns as turns_routes
 from api.routes.turns import TurnOptions, runner_of
 from api.settings import Settings
 from projections import ui
-from runner.runner import NoUpstream, TurnRunning
+from runner.runner import NoUpstream
 from store import NewEvent, Store
 from store.errors import ConversationExists, NotFound
 
@@ -416,12 +417,7 @@ async def ai_sdk_chat(request: Request, principal: PrincipalDep, body: BodyDep, 
         turn_request = {**options}
         if parsed.messageId is not None:  # a repeat of this regeneration is the same turn
             turn_request["request_id"] = f"regenerate:{parsed.messageId}"
-    try:
-        turn_id, _, _ = await runner.start(principal, conversation_id, turn_request)
-    except NoUpstream as exc:
-        raise ApiError(503, "no_upstream", exc.message) from None
-    except TurnRunning as exc:
-        raise ApiError(409, "turn_running", str(exc), turn_id=exc.turn_id) from None
+    turn_id, _, _ = await turns_routes.start(runner, principal, conversation_id, turn_request)
     return await turn_ui_stream(store, settings, principal, conversation_id, turn_id, parsed.server_tools)
 
 

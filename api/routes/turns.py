@@ -65,6 +65,16 @@ def runner_of(request: Request) -> Runner:
     return state.runner
 
 
+async def start(runner: Runner, principal: str, conversation_id, turn_request: dict) -> tuple[str, str, bool]:
+    """Runner.start, its refusals in the contract's error shape (503 no_upstream, 409 turn_running)."""
+    try:
+        return await runner.start(principal, conversation_id, turn_request)
+    except NoUpstream as exc:
+        raise ApiError(503, "no_upstream", exc.message) from None
+    except TurnRunning as exc:
+        raise ApiError(409, "turn_running", str(exc), turn_id=exc.turn_id) from None
+
+
 def _turn_id(turn_id: str, conversation_id) -> str:
     if not storable(turn_id):
         raise ApiError(404, "not_found", f"turn {turn_id!r} was not found in conversation {conversation_id}")
@@ -78,13 +88,7 @@ async def start_turn(request: Request, principal: PrincipalDep, conversation_id:
     parsed = parse(StartTurn, body)
     parsed.checked_options()
     turn_request = parsed.model_dump(mode="json", exclude_none=True)
-    runner = runner_of(request)
-    try:
-        turn_id, status, created = await runner.start(principal, conversation_id, turn_request)
-    except NoUpstream as exc:
-        raise ApiError(503, "no_upstream", exc.message) from None
-    except TurnRunning as exc:
-        raise ApiError(409, "turn_running", str(exc), turn_id=exc.turn_id) from None
+    turn_id, status, created = await start(runner_of(request), principal, conversation_id, turn_request)
     stream_url = f"/v1/conversations/{conversation_id}/turns/{turn_id}/stream"
     if accept and "text/event-stream" in accept:
         try:
